@@ -1,0 +1,280 @@
+"""Command line: ``dpstudy train|sweep|evaluate|runs|audit|report|prepare-duke``.
+
+Errors caused by input print one line on stderr and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, GRAD_SAMPLE_MODES,
+                     LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, RunConfig)
+from .errors import Cancelled, DPStudyError
+from .store import default_runs_dir
+
+#: CLI option -> RunConfig field, for the options ``train`` and ``sweep`` share.
+COMMON = {
+    "base_width": ("--base-width", int), "depth": ("--depth", int),
+    "max_grad_norm": ("--max-grad-norm", float), "clipping": ("--clipping", CLIPPING_STYLES),
+    "clip_fn": ("--clip-fn", CLIP_FUNCTIONS), "gamma": ("--gamma", float),
+    "final_rate": ("--final-rate", float), "refresh": ("--refresh", int),
+    "delta": ("--delta", float), "accountant": ("--accountant", ACCOUNTANTS),
+    "grad_sample_mode": ("--grad-sample-mode", GRAD_SAMPLE_MODES),
+    "epochs": ("--epochs", int), "batch_size": ("--batch-size", int),
+    "max_physical_batch": ("--max-physical-batch", int), "lr": ("--lr", float),
+    "optimizer": ("--optimizer", OPTIMIZERS), "lr_schedule": ("--lr-schedule", LR_SCHEDULES),
+    "weight_decay": ("--weight-decay", float), "dice_weight": ("--dice-weight", float),
+    "limit": ("--limit", int), "init_from": ("--init-from", str),
+}
+HELP = {
+    "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
+    "clip_fn": "random_sparsification only: abadi (flat C) or automatic clipping",
+    "gamma": "Automatic Clipping γ: 0.01 = AUTO-S, 0 = AUTO-V",
+    "final_rate": "Random Sparsification final rate r* (gradual cooling from 0)",
+    "refresh": "Random Sparsification masks drawn per epoch",
+    "accountant": "rdp (default; PRV breaks down at large ε) or prv",
+    "max_physical_batch": "split Poisson batches with Opacus's BatchMemoryManager",
+    "lr": "learning rate (default per method and optimizer, see README)",
+    "limit": "cap images per split (smoke runs)",
+    "init_from": "run id of a completed run to start from (e.g. phantom pretraining)",
+}
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    for field, (flag, kind) in COMMON.items():
+        if isinstance(kind, tuple):
+            p.add_argument(flag, dest=field, choices=kind, default=None, help=HELP.get(field))
+        else:
+            p.add_argument(flag, dest=field, type=kind, default=None, help=HELP.get(field))
+    p.add_argument("--augment", action="store_true", default=None,
+                   help="label-preserving augmentation of training images")
+    p.add_argument("--image-size", nargs=2, type=int, metavar=("H", "W"), default=None)
+    p.add_argument("--data", default=None,
+                   help="Duke data folder or 'synthetic' (default: $DPSTUDY_DATA, "
+                        "data/DukeData, else the synthetic phantom)")
+    p.add_argument("--runs-dir", type=Path, default=None,
+                   help="run store (default: $DPSTUDY_RUNS or runs/)")
+
+
+def _base_fields(args) -> dict:
+    from .data.source import resolve_data_spec
+    fields = {f: getattr(args, f) for f in COMMON if getattr(args, f) is not None}
+    if args.augment:
+        fields["augment"] = True
+    if args.image_size:
+        fields["image_size"] = tuple(args.image_size)
+    fields["data"] = resolve_data_spec(args.data)
+    return fields
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpstudy", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run into the run store")
+    p.add_argument("--model", choices=MODELS, default="unet")
+    p.add_argument("--method", choices=METHODS, default="non_dp")
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("--noise-multiplier", type=float, default=None)
+    noise.add_argument("--target-epsilon", type=float, default=None,
+                       help="calibrate σ so that ε after all epochs is at most this")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_common(p)
+
+    p = sub.add_parser("sweep", help="train a grid of runs in parallel (resumable)")
+    p.add_argument("--profile", help="study profile: a name in dpstudy/profiles or a TOML file")
+    p.add_argument("--models", nargs="+", choices=MODELS)
+    p.add_argument("--methods", nargs="+", choices=METHODS)
+    p.add_argument("--noise-multipliers", nargs="+", type=float)
+    p.add_argument("--target-epsilons", nargs="+", type=float)
+    p.add_argument("--max-grad-norms", nargs="+", type=float)
+    p.add_argument("--seeds", nargs="+", type=int)
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once (joblib)")
+    p.add_argument("--scheduler", help="Dask scheduler address tcp://HOST:PORT")
+    p.add_argument("--dry-run", action="store_true", help="list the runs, train nothing")
+    _add_common(p)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained run on any split")
+    p.add_argument("run", help="run id or run directory inside the store")
+    p.add_argument("--split", default="val")
+    p.add_argument("--data", default=None)
+    p.add_argument("--runs-dir", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("runs", help="the run table")
+    p.add_argument("--runs-dir", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("audit", help="membership-inference audit of completed runs")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("run", nargs="?", help="run id or run directory inside the store")
+    target.add_argument("--all", action="store_true",
+                        help="every completed run not audited yet (with --force: all)")
+    p.add_argument("--force", action="store_true", help="audit again runs that have an audit")
+    p.add_argument("--runs-dir", type=Path, default=None)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("report", help="summary tables and figures of a run store")
+    p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
+    p.add_argument("--out", type=Path, default=Path("results"))
+
+    p = sub.add_parser("prepare-duke", help="convert Subject_XX.mat files to the .npy layout")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--split", action="append", metavar="NAME=SUBJECTS",
+                   help="e.g. train=1-6 (repeatable; default train=1-6 val=7-8 test=9-10)")
+    return parser
+
+
+def _subjects(text: str) -> list[int]:
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def cmd_train(args) -> None:
+    from .train import train
+    cfg = RunConfig(model=args.model, method=args.method, seed=args.seed,
+                    noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
+                    **_base_fields(args))
+    run_dir = train(cfg, args.runs_dir or default_runs_dir(), progress=not args.quiet,
+                    log=lambda m: print(m, file=sys.stderr))
+    print(run_dir)
+
+
+def cmd_sweep(args) -> None:
+    from .sweep import expand_grid, load_profile, run_sweep
+    base = _base_fields(args)
+    if args.profile:
+        configs, _ = load_profile(args.profile, overrides=base)
+    else:
+        grid = {"model": args.models or ["unet"], "method": args.methods or ["non_dp"],
+                "noise_multiplier": args.noise_multipliers or [],
+                "target_epsilon": args.target_epsilons or [],
+                "seed": args.seeds or [0]}
+        if args.max_grad_norms:
+            grid["max_grad_norm"] = args.max_grad_norms
+        configs = expand_grid(base, grid)
+    runs_dir = args.runs_dir or default_runs_dir()
+    if args.dry_run:
+        for c in configs:
+            print(c.run_id())
+        return
+    results = run_sweep(configs, runs_dir, jobs=args.jobs, scheduler=args.scheduler)
+    for r in results:
+        print(f"{r['status']:22s} {r['run_id']}" + (f"  {r['error']}" if r.get("error") else ""))
+    if any(r["status"] == "failed" for r in results):
+        raise DPStudyError(f"{sum(r['status'] == 'failed' for r in results)} of "
+                           f"{len(results)} runs failed (see above)")
+
+
+def cmd_evaluate(args) -> None:
+    from .evaluate import evaluate_run
+    runs_dir = args.runs_dir or default_runs_dir()
+    metrics = evaluate_run(runs_dir, Path(args.run).name, args.data, args.split)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        width = max(map(len, metrics))
+        for k, v in metrics.items():
+            print(f"{k:{width}s}  {v:.4f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+
+
+def cmd_runs(args) -> None:
+    from .store import RunStore
+    df = RunStore(args.runs_dir).list_runs()
+    if args.json:
+        print(df.to_json(orient="records", indent=2))
+        return
+    if df.empty:
+        print(f"no runs in {RunStore(args.runs_dir).root} — start one with `dpstudy train`")
+        return
+    cols = [c for c in ("run_id", "status", "model", "method", "noise_multiplier",
+                        "max_grad_norm", "epsilon", "val_dice_fg_mean", "val_dice_all_mean",
+                        "duration_s") if c in df.columns]
+    print(df[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+
+
+def cmd_audit(args) -> None:
+    from .audit import audit_run, runs_to_audit
+    runs_dir = args.runs_dir or default_runs_dir()
+    run_ids = [Path(args.run).name] if args.run else runs_to_audit(runs_dir, args.force)
+    failed = 0
+    for run_id in run_ids:
+        try:
+            result = audit_run(runs_dir, run_id)
+        except DPStudyError as exc:
+            if args.run:
+                raise
+            failed += 1
+            print(f"{run_id}: {exc}", file=sys.stderr)
+            continue
+        if args.json:
+            print(json.dumps({"run_id": run_id, **result}))
+        else:
+            lo, hi = result["auc_ci"]
+            print("  ".join([run_id, f"AUC {result['auc']:.3f} [{lo:.3f}, {hi:.3f}]",
+                             *(f"TPR@FPR≤{f} {v:.3f}" for f, v in result["tpr_at_fpr"].items()),
+                             f"({result['n_members']} members, {result['n_nonmembers']} "
+                             f"non-members)"]))
+    if failed:
+        raise DPStudyError(f"{failed} of {len(run_ids)} audits failed (see above)")
+
+
+def cmd_report(args) -> None:
+    from .report import write_report
+    for path in write_report(args.runs_dir, args.out):
+        print(path)
+
+
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare_duke
+    splits = None
+    if args.split:
+        splits = {}
+        for item in args.split:
+            name, _, subjects = item.partition("=")
+            try:
+                splits[name] = _subjects(subjects)
+            except ValueError:
+                raise DPStudyError(f"--split {item!r}: expected NAME=SUBJECTS like "
+                                   f"train=1-6 or val=7,8") from None
+    counts = prepare_duke(args.src, args.dst, splits)
+    for split, n in counts.items():
+        print(f"{split}: {n} B-scans")
+    print(args.dst)
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "evaluate": cmd_evaluate,
+            "runs": cmd_runs, "audit": cmd_audit, "report": cmd_report,
+            "prepare-duke": cmd_prepare}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        COMMANDS[args.command](args)
+    except DPStudyError as exc:
+        if args.debug:
+            raise
+        print(f"dpstudy: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
+        return 2
+    except (Cancelled, KeyboardInterrupt) as exc:
+        print(f"dpstudy: cancelled ({exc or 'SIGINT'}); epochs done so far are saved",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 — one line unless --debug
+        if args.debug:
+            raise
+        print(f"dpstudy: error: {type(exc).__name__}: {' '.join(str(exc).split())} (run with "
+              f"--debug for the traceback)", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,192 @@
+"""Run configuration: every hyperparameter of one training run, validated up front.
+
+A run's identity is the hash of its full configuration, so two runs with the same
+settings (seed included) land in the same run directory and a sweep can skip them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+
+from .errors import ConfigError
+
+MODELS = ("unet", "nested_unet")
+METHODS = ("non_dp", "dp_sgd", "auto_clip", "random_sparsification")
+DP_METHODS = METHODS[1:]
+CLIPPING_STYLES = ("flat", "per_layer")
+CLIP_FUNCTIONS = ("abadi", "automatic")
+OPTIMIZERS = ("adam", "sgd")
+ACCOUNTANTS = ("rdp", "prv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+LR_SCHEDULES = ("constant", "cosine")
+
+#: Default learning rates by (method, optimizer). With SGD, Automatic Clipping's summed
+#: update has per-sample norm ≈1 where flat clipping's is ≤C, and it is not divided
+#: by anything threshold-like, so its learning rate lives on a different scale
+#: (Bu et al.: AC at lr η ≈ flat clipping at lr η/C). Adam is invariant to that scale,
+#: which is why all DP methods share one Adam default.
+DEFAULT_LR = {
+    ("non_dp", "adam"): 1e-3,
+    ("dp_sgd", "adam"): 2e-3,
+    ("auto_clip", "adam"): 2e-3,
+    ("random_sparsification", "adam"): 2e-3,
+    ("non_dp", "sgd"): 0.05,
+    ("dp_sgd", "sgd"): 0.5,
+    ("auto_clip", "sgd"): 0.5,
+    ("random_sparsification", "sgd"): 0.5,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All settings of one run. ``None`` in ``lr`` means the method's default."""
+
+    model: str = "unet"
+    method: str = "non_dp"
+    base_width: int = 16
+    depth: int = 4
+    # privacy
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    max_grad_norm: float = 1.0
+    clipping: str = "flat"
+    clip_fn: str = "abadi"          # only random_sparsification chooses; others fix it
+    gamma: float = 0.01             # Automatic Clipping stability constant (0 = AUTO-V)
+    final_rate: float = 0.9         # Random Sparsification r*
+    refresh: int = 1                # Random Sparsification masks per epoch
+    delta: float = 1e-5
+    accountant: str = "rdp"
+    grad_sample_mode: str = "hooks"
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 8
+    max_physical_batch: int | None = None
+    lr: float | None = None
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_schedule: str = "constant"
+    dice_weight: float = 1.0
+    augment: bool = False
+    # data
+    image_size: tuple[int, int] = (128, 128)
+    data: str = "synthetic"
+    limit: int | None = None
+    init_from: str | None = None    # run id of a completed run whose weights start training
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
+        validate(self)
+
+    @property
+    def private(self) -> bool:
+        return self.method != "non_dp"
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[(self.method, self.optimizer)]
+
+    @property
+    def effective_clip_fn(self) -> str:
+        """Clip function actually applied: fixed by the method except for sparsification."""
+        return {"dp_sgd": "abadi", "auto_clip": "automatic"}.get(self.method, self.clip_fn)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "RunConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+    def run_id(self) -> str:
+        """Readable and unique: model, method, noise setting and the config hash."""
+        if not self.private:
+            noise = "nonpriv"
+        elif self.target_epsilon is not None:
+            noise = f"eps{self.target_epsilon:g}"
+        else:
+            noise = f"sigma{self.noise_multiplier:g}"
+        return f"{self.model}-{self.method}-{noise}-{self.config_hash()}"
+
+    def replace(self, **changes) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(options)}")
+
+
+def _positive(value, name, allow_none=False):
+    if value is None and allow_none:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ConfigError(f"{name}={value!r} must be a number > 0")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Checks that need no data; data-dependent checks (δ < 1/N, batch ≤ N) run in training."""
+    _choice(cfg.model, MODELS, "model")
+    _choice(cfg.method, METHODS, "method")
+    _choice(cfg.clipping, CLIPPING_STYLES, "clipping")
+    _choice(cfg.clip_fn, CLIP_FUNCTIONS, "clip_fn")
+    _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
+    _choice(cfg.accountant, ACCOUNTANTS, "accountant")
+    _choice(cfg.grad_sample_mode, GRAD_SAMPLE_MODES, "grad_sample_mode")
+    _choice(cfg.lr_schedule, LR_SCHEDULES, "lr_schedule")
+    for name in ("base_width", "depth", "epochs", "batch_size", "refresh"):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{name}={v!r} must be an integer ≥ 1")
+    for name in ("max_physical_batch", "limit"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or v < 1):
+            raise ConfigError(f"{name}={v!r} must be an integer ≥ 1 or unset")
+    _positive(cfg.max_grad_norm, "max_grad_norm")
+    _positive(cfg.lr, "lr", allow_none=True)
+    if not 0.0 < cfg.delta < 1.0:
+        raise ConfigError(f"delta={cfg.delta!r} must lie in (0, 1)")
+    if not 0.0 <= cfg.final_rate < 1.0:
+        raise ConfigError(f"final_rate={cfg.final_rate!r} must lie in [0, 1)")
+    if cfg.gamma < 0:
+        raise ConfigError(f"gamma={cfg.gamma!r} must be ≥ 0 (0.01 is AUTO-S, 0 is AUTO-V)")
+    if cfg.weight_decay < 0 or cfg.dice_weight < 0:
+        raise ConfigError("weight_decay and dice_weight must be ≥ 0")
+    if len(cfg.image_size) != 2 or min(cfg.image_size) < 1:
+        raise ConfigError(f"image_size={cfg.image_size!r} must be two positive integers H W")
+    divisor = 2 ** cfg.depth
+    for v in cfg.image_size:
+        if v % divisor:
+            lo, hi = (v // divisor) * divisor, (v // divisor + 1) * divisor
+            valid = f"{lo} or {hi}" if lo else f"{hi}"
+            raise ConfigError(
+                f"image_size {cfg.image_size[0]}x{cfg.image_size[1]}: {v} is not divisible by "
+                f"{divisor} (2**depth, depth={cfg.depth}); use e.g. {valid}")
+    if cfg.init_from is not None and (  # the rule of store.validate_run_id
+            not isinstance(cfg.init_from, str) or ".." in cfg.init_from
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", cfg.init_from)):
+        raise ConfigError(f"init_from={cfg.init_from!r} must be a run id from the store")
+    if cfg.private:
+        if (cfg.noise_multiplier is None) == (cfg.target_epsilon is None):
+            raise ConfigError(
+                f"method {cfg.method} needs exactly one of noise_multiplier "
+                f"(--noise-multiplier) or target_epsilon (--target-epsilon)")
+        _positive(cfg.noise_multiplier, "noise_multiplier", allow_none=True)
+        _positive(cfg.target_epsilon, "target_epsilon", allow_none=True)
+    elif cfg.noise_multiplier is not None or cfg.target_epsilon is not None:
+        raise ConfigError("method non_dp takes no noise_multiplier or target_epsilon")

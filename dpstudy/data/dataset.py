@@ -1,0 +1,55 @@
+"""The torch dataset used for training and evaluation."""
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dpstudy.data.transforms import augment as augment_pair
+from dpstudy.data.transforms import resize_image, resize_mask
+from dpstudy.errors import DataError
+
+
+class SegmentationDataset(Dataset):
+    """B-scans resized to ``image_size`` and normalised, with their label masks.
+
+    Every sample is resized once, at construction: per-item resizing would dominate the
+    cost of a DP-SGD step on CPU. The native images and masks are kept as well, so that
+    evaluation can score predictions at the resolution the annotators labelled.
+
+    Attributes: ``names``, ``native_images``, ``native_masks`` (lists, in sample order),
+    ``x`` ``float32 [N, 1, H, W]`` normalised images and ``y`` ``int64 [N, H, W]`` classes.
+    """
+
+    def __init__(self, samples, image_size: tuple[int, int], mean: float, std: float,
+                 augment: bool = False, seed: int = 0):
+        samples = list(samples)
+        if not std > 0:
+            raise DataError(f"normalisation std={std} is invalid; it must be positive (see normalisation_stats)")
+        size = (int(image_size[0]), int(image_size[1]))
+        if min(size) < 1:
+            raise DataError(f"image_size={image_size} is invalid; use positive (rows, columns)")
+        self.image_size = size
+        self.names = [s.name for s in samples]
+        self.native_images = [s.image for s in samples]
+        self.native_masks = [s.mask for s in samples]
+        # an empty split (e.g. no val data) gives an empty dataset, not an error
+        images = np.zeros((len(samples), *size), np.float32)
+        masks = np.zeros((len(samples), *size), np.int64)
+        for i, s in enumerate(samples):
+            images[i] = (resize_image(s.image, size) - np.float32(mean)) / np.float32(std)
+            masks[i] = resize_mask(s.mask, size)
+        self.x = torch.from_numpy(images)[:, None]
+        self.y = torch.from_numpy(masks)
+        self.augment = augment
+        # one generator per dataset: augmentations are reproducible for a given seed and
+        # order of access (single-process loading)
+        self._generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.x[i], self.y[i]
+        if self.augment:
+            return augment_pair(x, y, self._generator)
+        return x, y

@@ -1,0 +1,86 @@
+"""Prediction and evaluation of a model on one split.
+
+Published metrics are computed at the native resolution of each mask: the logits are
+resized back bilinearly and the argmax taken there, so no label is ever interpolated.
+Metrics at the working resolution are kept as well, to show what resizing costs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data.dataset import SegmentationDataset
+from .data.source import load_data
+from .data.transforms import logits_to_native
+from .errors import DataError
+from .losses import per_sample_loss
+from .metrics import segmentation_metrics
+from .models import build_model
+from .store import RunStore, load_weights
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain network inside an Opacus ``GradSampleModule`` (or the model itself)."""
+    return getattr(model, "_module", model)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, dataset: SegmentationDataset, dice_weight: float = 1.0,
+            batch_size: int = 8):
+    """Loss, native-resolution predictions and working-resolution predictions."""
+    net = unwrap(model)
+    was_training = net.training
+    net.eval()
+    losses, native, work = [], [], []
+    for start in range(0, len(dataset), batch_size):
+        idx = range(start, min(start + batch_size, len(dataset)))
+        x = torch.stack([dataset[i][0] for i in idx])
+        y = torch.stack([dataset[i][1] for i in idx])
+        logits = net(x)
+        losses.append(per_sample_loss(logits, y, dice_weight))
+        work.extend(logits.argmax(1).to(torch.uint8).numpy())
+        for j, i in enumerate(idx):
+            size = dataset.native_masks[i].shape
+            native.append(logits_to_native(logits[j], size).argmax(0).to(torch.uint8).numpy())
+    net.train(was_training)
+    loss = float(torch.cat(losses).mean()) if losses else float("nan")
+    return loss, native, work
+
+
+def evaluate(model: nn.Module, dataset: SegmentationDataset, dice_weight: float = 1.0,
+             prefix: str = "val_") -> tuple[dict[str, float], list[np.ndarray]]:
+    """``{prefix}loss``, native metrics as ``{prefix}*``, working ones as ``{prefix}work_*``."""
+    loss, native, work = predict(model, dataset, dice_weight)
+    work_targets = [dataset[i][1].numpy() for i in range(len(dataset))]
+    metrics = {f"{prefix}loss": loss}
+    metrics.update({f"{prefix}{k}": v for k, v in
+                    segmentation_metrics(native, list(dataset.native_masks)).items()})
+    w = segmentation_metrics(work, work_targets)
+    metrics.update({f"{prefix}work_{k}": w[k]
+                    for k in ("dice_fg_mean", "dice_all_mean", "pixel_accuracy")})
+    return metrics, native
+
+
+def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val") -> dict:
+    """Metrics of a stored run's final checkpoint on any split of any data.
+
+    Uses the normalisation recorded in the run, so evaluation sees inputs scaled exactly
+    as in training.
+    """
+    store = RunStore(runs_dir)
+    meta = store.read_meta(run_id)
+    cfg = RunConfig.from_dict({**meta["config"], "image_size": tuple(meta["config"]["image_size"])},
+                              where=str(store.path(run_id) / "config.json"))
+    bundle = load_data(data or meta["data"]["spec"])
+    if split not in bundle.splits:
+        raise DataError(f"{bundle.spec}: no {split!r} split (available: {sorted(bundle.splits)})")
+    norm = meta["normalisation"]
+    dataset = SegmentationDataset(bundle.splits[split], cfg.image_size, norm["mean"], norm["std"])
+    model = build_model(cfg.model, cfg.base_width, cfg.depth)
+    load_weights(store, run_id, model)
+    metrics, _ = evaluate(model, dataset, cfg.dice_weight, prefix="")
+    return {"run_id": run_id, "data": bundle.describe(), "split": split,
+            "n_images": len(dataset), **metrics}

@@ -1,0 +1,127 @@
+"""Training methods as strategies plugged into the one training loop.
+
+A method turns (model, optimizer, loader) into what the loop iterates and steps, and
+reports its privacy state after each epoch. ``non_dp`` leaves them alone; the private
+methods go through Opacus's ``PrivacyEngine.make_private`` — whose Poisson-sampling
+data loader the loop must iterate — with :class:`StudyDPOptimizer` as the optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from opacus import PrivacyEngine
+
+from .config import RunConfig
+from .privacy.accounting import calibrate_noise
+from .privacy.optimizer import StudyDPOptimizer
+from .privacy.sparsification import Sparsifier
+
+
+class NonPrivate:
+    """Ordinary training: the reference point of every comparison."""
+
+    private = False
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.noise_multiplier = None
+        self.sample_rate = None
+
+    def attach(self, model, optimizer, loader):
+        return model, optimizer, loader
+
+    def before_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Called before the first physical batch of every logical step."""
+
+    def epoch_stats(self) -> dict:
+        return {"epsilon": float("nan"), "steps": None, "grad_norm_median": float("nan"),
+                "clipped_fraction": float("nan"), "sparsity": float("nan")}
+
+
+class _StudyPrivacyEngine(PrivacyEngine):
+    """PrivacyEngine whose optimizer is always :class:`StudyDPOptimizer`."""
+
+    def __init__(self, optimizer_kwargs: dict, accountant: str):
+        super().__init__(accountant=accountant)
+        self._optimizer_kwargs = optimizer_kwargs
+
+    def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm,
+                           expected_batch_size, loss_reduction="mean", noise_generator=None,
+                           **_ignored):
+        return StudyDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                                max_grad_norm=max_grad_norm,
+                                expected_batch_size=expected_batch_size,
+                                loss_reduction=loss_reduction, generator=noise_generator,
+                                **self._optimizer_kwargs)
+
+
+class Private(NonPrivate):
+    """DP training on Opacus; subclasses choose the clip function and sparsification."""
+
+    private = True
+    clip_fn = "abadi"
+
+    def _optimizer_kwargs(self, model) -> dict:
+        return {"clip_fn": self.clip_fn, "gamma": self.cfg.gamma,
+                "per_layer": self.cfg.clipping == "per_layer"}
+
+    def attach(self, model, optimizer, loader):
+        cfg = self.cfg
+        self.sample_rate = 1.0 / len(loader)
+        if cfg.target_epsilon is not None:
+            self.noise_multiplier = calibrate_noise(
+                cfg.target_epsilon, self.sample_rate, cfg.epochs * len(loader), cfg.delta,
+                cfg.accountant)
+        else:
+            self.noise_multiplier = cfg.noise_multiplier
+        self.engine = _StudyPrivacyEngine(self._optimizer_kwargs(model), cfg.accountant)
+        model, optimizer, loader = self.engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
+            noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
+        self.optimizer = optimizer
+        return model, optimizer, loader
+
+    def epoch_stats(self) -> dict:
+        return {"epsilon": float(self.engine.get_epsilon(self.cfg.delta)),
+                "steps": sum(steps for _, _, steps in self.engine.accountant.history),
+                **self.optimizer.pop_grad_stats(), "sparsity": float("nan")}
+
+
+class DPSGD(Private):
+    """Abadi et al.: clip each per-sample gradient to norm C."""
+
+
+class AutoClip(Private):
+    """Bu et al.: normalise each per-sample gradient, g/(‖g‖+γ); no threshold to tune."""
+
+    clip_fn = "automatic"
+
+
+class RandomSparsification(Private):
+    """Zhu & Blaschko: mask each per-sample gradient before clipping; noise on kept coords."""
+
+    @property
+    def clip_fn(self):
+        return self.cfg.clip_fn
+
+    def _optimizer_kwargs(self, model) -> dict:
+        shapes = [p.shape for p in model.parameters() if p.requires_grad]
+        self.sparsifier = Sparsifier(shapes, self.cfg.final_rate, self.cfg.refresh,
+                                     self.cfg.epochs, seed=self.cfg.seed + 2)
+        return {**super()._optimizer_kwargs(model), "sparsifier": self.sparsifier}
+
+    def before_step(self, epoch, step, steps_per_epoch):
+        self.sparsifier.maybe_refresh(epoch, step, steps_per_epoch)
+
+    def epoch_stats(self) -> dict:
+        return {**super().epoch_stats(), "sparsity": self.sparsifier.rate}
+
+
+METHOD_CLASSES = {"non_dp": NonPrivate, "dp_sgd": DPSGD, "auto_clip": AutoClip,
+                  "random_sparsification": RandomSparsification}
+
+
+def build_method(cfg: RunConfig) -> NonPrivate:
+    return METHOD_CLASSES[cfg.method](cfg)

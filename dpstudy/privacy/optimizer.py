@@ -1,0 +1,98 @@
+"""One DP optimizer for every private method, built on Opacus's ``DPOptimizer``.
+
+The three private methods differ only in
+
+* the per-sample clip factor (``abadi``: min(1, C/‖g‖); ``automatic``: R/(‖g‖+γ)),
+* whether the clip is taken over the whole gradient (flat) or per parameter tensor,
+* whether a random mask zeroes coordinates of every per-sample gradient *before* its
+  norm is taken (Random Sparsification), and of the noise.
+
+Everything else — gradient accumulation across physical batches, noise generation,
+division by the expected batch size, the accountant's step hook — is Opacus's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from opacus.optimizers.optimizer import (
+    DPOptimizer,
+    _check_processed_flag,
+    _generate_noise,
+    _mark_as_processed,
+)
+
+from .clipping import clip_factor
+from .sparsification import Sparsifier
+
+
+class StudyDPOptimizer(DPOptimizer):
+    """DPOptimizer with pluggable clip function, per-layer bounds and sparsification.
+
+    ``max_grad_norm`` is the sensitivity of the summed update: C for flat clipping; for
+    per-layer clipping every parameter tensor gets bound C/√L, so the total is C again.
+    """
+
+    def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: int, clip_fn: str = "abadi", gamma: float = 0.01,
+                 per_layer: bool = False, sparsifier: Sparsifier | None = None, **kwargs):
+        super().__init__(optimizer, noise_multiplier=noise_multiplier,
+                         max_grad_norm=max_grad_norm,
+                         expected_batch_size=expected_batch_size, **kwargs)
+        self.clip_fn = clip_fn
+        self.gamma = gamma
+        self.per_layer = per_layer
+        self.sparsifier = sparsifier
+        n = len(self.params)
+        self.block_bounds = [max_grad_norm / math.sqrt(n)] * n if per_layer else None
+        self.norm_log: list[torch.Tensor] = []      # per-sample total norms (pre-clip)
+        self.clipped_log: list[torch.Tensor] = []   # per-sample: was any block scaled down
+
+    def _masked(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.sparsifier is None or self.sparsifier.masks is None:
+            return grads
+        return [g * m.to(g) for g, m in zip(grads, self.sparsifier.masks)]
+
+    def clip_and_accumulate(self):
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+        grads = self._masked([self._get_flat_grad_sample(p).to(p.dtype) for p in self.params])
+        block_norms = torch.stack([g.flatten(1).norm(2, dim=-1) for g in grads], dim=1)
+        total = block_norms.norm(2, dim=1)
+        if self.per_layer:
+            bounds = torch.tensor(self.block_bounds, dtype=total.dtype)
+            factors = clip_factor(self.clip_fn, block_norms, bounds, self.gamma)   # [B, L]
+        else:
+            factors = clip_factor(self.clip_fn, total, self.max_grad_norm, self.gamma)
+            factors = factors[:, None].expand_as(block_norms)
+        self.norm_log.append(total.detach())
+        self.clipped_log.append((factors < 1.0).any(dim=1).detach())
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            summed = torch.einsum("i,i...", factors[:, i], g)
+            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
+            _mark_as_processed(p.grad_sample)
+
+    def add_noise(self):
+        masks = None
+        if self.sparsifier is not None and self.sparsifier.masks is not None:
+            masks = self.sparsifier.masks
+        for i, p in enumerate(self.params):
+            _check_processed_flag(p.summed_grad)
+            noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm,
+                                    reference=p.summed_grad, generator=self.generator,
+                                    secure_mode=self.secure_mode)
+            if masks is not None:
+                noise = noise * masks[i].to(noise)
+            p.grad = (p.summed_grad + noise).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+    def pop_grad_stats(self) -> dict[str, float]:
+        """Median per-sample gradient norm and fraction clipped since the last call."""
+        norms = torch.cat(self.norm_log) if self.norm_log else torch.empty(0)
+        clipped = torch.cat(self.clipped_log) if self.clipped_log else torch.empty(0)
+        self.norm_log, self.clipped_log = [], []
+        if norms.numel() == 0:
+            return {"grad_norm_median": float("nan"), "clipped_fraction": float("nan")}
+        return {"grad_norm_median": float(norms.median()),
+                "clipped_fraction": float(clipped.float().mean())}

@@ -1,0 +1,218 @@
+"""The training loop: config → data → model → method → epochs → run store.
+
+One loop for every method; what differs between methods lives in :mod:`dpstudy.methods`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import platform
+import signal
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .config import RunConfig
+from .data.dataset import SegmentationDataset
+from .data.source import load_data
+from .data.transforms import normalisation_stats
+from .errors import Cancelled, ConfigError, DataError
+from .evaluate import evaluate, unwrap
+from .losses import per_sample_loss
+from .methods import build_method
+from .models import build_model, count_parameters
+from .store import RunStore, RunWriter, load_weights
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for pkg in ("dpstudy", "torch", "opacus", "numpy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[pkg] = metadata.version(pkg)
+    return versions
+
+
+def _check_against_data(cfg: RunConfig, n_train: int) -> None:
+    if cfg.batch_size > n_train:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set "
+                          f"({n_train} images); use at most {n_train}")
+    if cfg.private and cfg.delta >= 1.0 / n_train:
+        raise ConfigError(f"delta={cfg.delta:g} must be < 1/N = {1.0 / n_train:.3g} "
+                          f"(N = {n_train} training images)")
+
+
+def _check_init_source(cfg: RunConfig, source: dict) -> None:
+    """Starting weights come from a completed run and, for a private run, from public
+    (synthetic) data only: a run's ε counts its own steps, never what its weights saw."""
+    if source.get("status") != "completed":
+        raise ConfigError(f"init_from={cfg.init_from}: that run is {source.get('status')}; "
+                          f"only a completed run's weights can start training")
+    kind = (source.get("data") or {}).get("kind")
+    if cfg.private and kind != "synthetic":
+        raise ConfigError(f"init_from={cfg.init_from} was trained on {kind} data; a private run "
+                          f"may only start from a run on public (synthetic) data, since its ε "
+                          f"does not count what the starting weights learned")
+
+
+def _optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.effective_lr,
+                                weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+@contextlib.contextmanager
+def _cancel_on_signals():
+    """Turn SIGTERM/SIGINT into :class:`Cancelled` (main thread only: signals live there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Cancelled(signal.Signals(signum).name)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progress):
+    """One pass over the (Poisson-sampled, for DP) loader; returns mean per-sample loss."""
+    model.train()
+    steps_per_epoch = len(loader)  # logical batches; physical ones may be more
+    physical = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
+                                   max_physical_batch_size=cfg.max_physical_batch)
+                if method.private and cfg.max_physical_batch else contextlib.nullcontext(loader))
+    total, count, step, new_step = 0.0, 0, 0, True
+    with physical as batches:
+        for x, y in tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                         disable=not progress):
+            if new_step:
+                method.before_step(epoch, step, steps_per_epoch)
+            optimizer.zero_grad(set_to_none=True)
+            if len(x) == 0 and method.private:
+                # An empty Poisson batch must still take its (noise-only) step for the
+                # accounting to hold; functorch cannot backpropagate a batch of 0, so
+                # its (empty) per-sample gradients are given directly.
+                for p in optimizer.params:
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                losses = torch.zeros(0)
+            else:
+                losses = per_sample_loss(model(x), y, cfg.dice_weight)
+                (losses.sum() / max(len(losses), 1)).backward()
+            optimizer.step()
+            new_step = not getattr(optimizer, "_is_last_step_skipped", False)
+            if new_step:
+                step += 1
+                if scheduler is not None:
+                    scheduler.step()
+            total += float(losses.detach().sum())
+            count += len(losses)
+    return total / max(count, 1), step
+
+
+def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = True,
+          log=print) -> Path:
+    """Train one run into the store and return its directory."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    bundle = load_data(cfg.data, cfg.limit)
+    if "train" not in bundle.splits:
+        raise DataError(f"{bundle.spec}: no train split; training needs train/images and "
+                        f"train/masks")
+    train_samples, val_samples = bundle.splits["train"], bundle.splits.get("val", [])
+    _check_against_data(cfg, len(train_samples))
+    log(f"data: {bundle.describe()}")
+
+    mean, std = normalisation_stats(train_samples)
+    train_ds = SegmentationDataset(train_samples, cfg.image_size, mean, std,
+                                   augment=cfg.augment, seed=cfg.seed)
+    val_ds = SegmentationDataset(val_samples, cfg.image_size, mean, std)
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+
+    store = RunStore(runs_dir)
+    model = build_model(cfg.model, cfg.base_width, cfg.depth)
+    if cfg.init_from:
+        _check_init_source(cfg, store.read_meta(cfg.init_from))
+        load_weights(store, cfg.init_from, model)
+    method = build_method(cfg)
+    model, optimizer, loader = method.attach(model, _optimizer(cfg, model), loader)
+    total_steps = cfg.epochs * len(loader)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
+        getattr(optimizer, "original_optimizer", optimizer), T_max=total_steps)
+        if cfg.lr_schedule == "cosine" else None)
+
+    writer = RunWriter(store, cfg.run_id(), {
+        "config": cfg.to_dict(),
+        "data": {"spec": bundle.spec, "kind": bundle.kind, "root": bundle.root,
+                 "fingerprint": bundle.fingerprint, "description": bundle.describe(),
+                 "n_train": len(train_samples), "n_val": len(val_samples)},
+        "normalisation": {"mean": mean, "std": std},
+        "private": method.private, "sample_rate": method.sample_rate,
+        "noise_multiplier": method.noise_multiplier,
+        "delta": cfg.delta if method.private else None, "accountant": cfg.accountant,
+        "lr": cfg.effective_lr, "n_params": count_parameters(model),
+        "steps": 0, "epsilon": 0.0 if method.private else None, "epochs_done": 0,
+        "versions": package_versions()})
+    if method.private:
+        log(f"noise multiplier σ={method.noise_multiplier:.4g}, sample rate "
+            f"q={method.sample_rate:.4g}, δ={cfg.delta:g}")
+    steps = 0
+    try:
+        with _cancel_on_signals():
+            for epoch in tqdm(range(cfg.epochs), desc=cfg.run_id(), disable=not progress):
+                t0 = time.perf_counter()
+                train_loss, epoch_steps = _train_epoch(model, optimizer, loader, method,
+                                                       scheduler, epoch, cfg, progress)
+                steps += epoch_steps
+                stats = method.epoch_stats()
+                seconds = time.perf_counter() - t0
+                metrics, _ = evaluate(model, val_ds, cfg.dice_weight) if len(val_ds) else ({}, [])
+                row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics,
+                       "epsilon": stats["epsilon"], "steps": stats["steps"] or steps,
+                       "grad_norm_median": stats["grad_norm_median"],
+                       "clipped_fraction": stats["clipped_fraction"],
+                       "sparsity": stats["sparsity"],
+                       "lr": getattr(optimizer, "param_groups")[0]["lr"],
+                       "epoch_seconds": seconds}
+                writer.append_history(row)
+                writer.update(epochs_done=epoch + 1, steps=row["steps"],
+                              epsilon=None if math.isnan(row["epsilon"]) else row["epsilon"])
+                if progress:
+                    tqdm.write(_summary(row))
+            writer.save_checkpoint(unwrap(model).state_dict())
+            if len(val_ds):
+                _, native = evaluate(model, val_ds, cfg.dice_weight)
+                writer.save_predictions("val", val_ds.names, val_ds.native_images,
+                                        val_ds.native_masks, native)
+            writer.finish("completed")
+    except (Cancelled, KeyboardInterrupt) as exc:
+        writer.finish("cancelled", f"cancelled by {exc or 'SIGINT'} after "
+                                   f"{writer.meta['epochs_done']} epoch(s)")
+        raise Cancelled(str(exc) or "SIGINT") from None
+    except BaseException as exc:
+        writer.finish("failed", f"{type(exc).__name__}: {exc}")
+        raise
+    return writer.dir
+
+
+def _summary(row: dict) -> str:
+    parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
+    if "val_dice_fg_mean" in row:
+        parts.append(f"val Dice(fg) {row['val_dice_fg_mean']:.4f}")
+    if not math.isnan(row["epsilon"]):
+        parts.append(f"ε {row['epsilon']:.3g}")
+    return "  ".join(parts)

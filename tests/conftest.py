@@ -1,0 +1,24 @@
+"""Shared fixtures: the real Duke data (skipped where absent) and a clean environment."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch):
+    """Tests never pick up a user's data or run-store settings by accident."""
+    monkeypatch.delenv("DPSTUDY_DATA", raising=False)
+    monkeypatch.delenv("DPSTUDY_RUNS", raising=False)
+
+
+@pytest.fixture(scope="session")
+def duke_root() -> Path:
+    """The real Duke data, from ``DPSTUDY_DUKE_DIR`` (``.ci/run`` sets it)."""
+    path = os.environ.get("DPSTUDY_DUKE_DIR")
+    if not path or not (Path(path) / "train" / "images").is_dir():
+        pytest.skip("real Duke data not available (set DPSTUDY_DUKE_DIR)")
+    return Path(path)

@@ -1,0 +1,61 @@
+"""The command line, run as a user runs it: a real subprocess."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+TINY = ["--data", "synthetic", "--limit", "4", "--image-size", "32", "32", "--base-width", "8",
+        "--depth", "2", "--epochs", "1", "--batch-size", "2", "--quiet"]
+
+
+def dpstudy(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "dpstudy", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=300)
+
+
+def test_train_prints_the_run_directory_last_and_says_which_data(tmp_path):
+    r = dpstudy("train", "--method", "auto_clip", "--noise-multiplier", "1.5", *TINY,
+                "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    run_dir = Path(r.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path and run_dir.name.startswith("unet-auto_clip-sigma1.5-")
+    assert "synthetic OCT phantom" in r.stderr
+    assert json.loads((run_dir / "config.json").read_text())["status"] == "completed"
+
+    runs = dpstudy("runs", "--runs-dir", str(tmp_path), "--json")
+    rows = json.loads(runs.stdout)
+    assert [row["run_id"] for row in rows] == [run_dir.name]
+
+    ev = dpstudy("evaluate", run_dir.name, "--split", "val", "--json", "--runs-dir",
+                 str(tmp_path))
+    assert ev.returncode == 0, ev.stderr
+    metrics = json.loads(ev.stdout)
+    assert metrics["split"] == "val" and 0 <= metrics["dice_fg_mean"] <= 1
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    r = dpstudy("train", "--method", "dp_sgd", *TINY, "--runs-dir", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "noise_multiplier" in r.stderr and "target_epsilon" in r.stderr
+
+    r = dpstudy("train", *TINY, "--image-size", "30", "30", "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and "not divisible by 4" in r.stderr
+
+    r = dpstudy("train", *TINY, "--data", str(tmp_path / "nope"), "--runs-dir", str(tmp_path))
+    assert r.returncode == 2 and str(tmp_path / "nope") in r.stderr
+
+    r = dpstudy("--debug", "train", "--method", "dp_sgd", *TINY, "--runs-dir", str(tmp_path))
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_data_location_falls_back_to_the_environment_then_the_phantom(tmp_path):
+    import os
+    env = {**os.environ, "DPSTUDY_DATA": str(tmp_path / "missing")}
+    r = dpstudy("train", *TINY[2:], "--runs-dir", str(tmp_path / "runs"), env=env)
+    assert r.returncode == 2 and str(tmp_path / "missing") in r.stderr
+    env.pop("DPSTUDY_DATA")
+    r = dpstudy("train", *TINY[2:], "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "synthetic OCT phantom" in r.stderr
