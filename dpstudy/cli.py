@@ -29,6 +29,7 @@ COMMON = {
     "optimizer": ("--optimizer", OPTIMIZERS), "lr_schedule": ("--lr-schedule", LR_SCHEDULES),
     "weight_decay": ("--weight-decay", float), "dice_weight": ("--dice-weight", float),
     "limit": ("--limit", int), "init_from": ("--init-from", str),
+    "aug_multiplicity": ("--aug-multiplicity", int),
 }
 HELP = {
     "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
@@ -41,6 +42,8 @@ HELP = {
     "lr": "learning rate (default per method and optimizer, see README)",
     "limit": "cap images per split (smoke runs)",
     "init_from": "run id of a completed run to start from (e.g. phantom pretraining)",
+    "aug_multiplicity": "K augmented copies per sample, gradients averaged before clipping "
+                        "(needs --augment)",
 }
 
 

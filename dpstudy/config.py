@@ -72,6 +72,7 @@ class RunConfig:
     lr_schedule: str = "constant"
     dice_weight: float = 1.0
     augment: bool = False
+    aug_multiplicity: int = 1       # K augmented copies per sample, averaged before clipping
     # data
     image_size: tuple[int, int] = (128, 128)
     data: str = "synthetic"
@@ -135,8 +136,9 @@ def _choice(value, options, name):
 def _positive(value, name, allow_none=False):
     if value is None and allow_none:
         return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-        raise ConfigError(f"{name}={value!r} must be a number > 0")
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0
+            or value == float("inf")):
+        raise ConfigError(f"{name}={value!r} must be a finite number > 0")
 
 
 def validate(cfg: RunConfig) -> None:
@@ -149,7 +151,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.accountant, ACCOUNTANTS, "accountant")
     _choice(cfg.grad_sample_mode, GRAD_SAMPLE_MODES, "grad_sample_mode")
     _choice(cfg.lr_schedule, LR_SCHEDULES, "lr_schedule")
-    for name in ("base_width", "depth", "epochs", "batch_size", "refresh"):
+    for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name}={v!r} must be an integer ≥ 1")
@@ -163,9 +165,12 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"delta={cfg.delta!r} must lie in (0, 1)")
     if not 0.0 <= cfg.final_rate < 1.0:
         raise ConfigError(f"final_rate={cfg.final_rate!r} must lie in [0, 1)")
-    if cfg.gamma < 0:
+    if not cfg.gamma >= 0:
         raise ConfigError(f"gamma={cfg.gamma!r} must be ≥ 0 (0.01 is AUTO-S, 0 is AUTO-V)")
-    if cfg.weight_decay < 0 or cfg.dice_weight < 0:
+    if cfg.aug_multiplicity > 1 and not cfg.augment:
+        raise ConfigError(f"aug_multiplicity={cfg.aug_multiplicity} needs augment=True "
+                          f"(--augment): the copies would be identical")
+    if not (cfg.weight_decay >= 0 and cfg.dice_weight >= 0):
         raise ConfigError("weight_decay and dice_weight must be ≥ 0")
     if len(cfg.image_size) != 2 or min(cfg.image_size) < 1:
         raise ConfigError(f"image_size={cfg.image_size!r} must be two positive integers H W")

@@ -63,7 +63,8 @@ class Private(NonPrivate):
 
     def _optimizer_kwargs(self, model) -> dict:
         return {"clip_fn": self.clip_fn, "gamma": self.cfg.gamma,
-                "per_layer": self.cfg.clipping == "per_layer"}
+                "per_layer": self.cfg.clipping == "per_layer",
+                "aug_multiplicity": self.cfg.aug_multiplicity}
 
     def attach(self, model, optimizer, loader):
         cfg = self.cfg

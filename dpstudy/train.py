@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .config import RunConfig
 from .data.dataset import SegmentationDataset
 from .data.source import load_data
-from .data.transforms import normalisation_stats
+from .data.transforms import augment, normalisation_stats
 from .errors import Cancelled, ConfigError, DataError
 from .evaluate import evaluate, unwrap
 from .losses import per_sample_loss
@@ -88,7 +88,17 @@ def _cancel_on_signals():
             signal.signal(s, h)
 
 
-def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progress):
+def _augmented(x, y, k: int, generator: torch.Generator):
+    """K augmented copies of every sample, a sample's copies adjacent (the DP optimizer
+    averages their gradients before clipping)."""
+    if len(x) == 0:
+        return x, y
+    pairs = [augment(xi, yi, generator) for xi, yi in zip(x, y) for _ in range(k)]
+    return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+
+
+def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progress,
+                 aug_generator):
     """One pass over the (Poisson-sampled, for DP) loader; returns mean per-sample loss."""
     model.train()
     steps_per_epoch = len(loader)  # logical batches; physical ones may be more
@@ -101,6 +111,8 @@ def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progre
                          disable=not progress):
             if new_step:
                 method.before_step(epoch, step, steps_per_epoch)
+            if cfg.augment:
+                x, y = _augmented(x, y, cfg.aug_multiplicity, aug_generator)
             optimizer.zero_grad(set_to_none=True)
             if len(x) == 0 and method.private:
                 # An empty Poisson batch must still take its (noise-only) step for the
@@ -124,8 +136,12 @@ def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progre
 
 
 def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = True,
-          log=print) -> Path:
-    """Train one run into the store and return its directory."""
+          log=print, keep_completed: bool = False) -> Path:
+    """Train one run into the store and return its directory.
+
+    ``keep_completed``: refuse (StoreError) rather than re-train a run found completed
+    once its lock is held — what a sweep wants when another process may have finished it.
+    """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     bundle = load_data(cfg.data, cfg.limit)
@@ -137,8 +153,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     log(f"data: {bundle.describe()}")
 
     mean, std = normalisation_stats(train_samples)
-    train_ds = SegmentationDataset(train_samples, cfg.image_size, mean, std,
-                                   augment=cfg.augment, seed=cfg.seed)
+    train_ds = SegmentationDataset(train_samples, cfg.image_size, mean, std)
     val_ds = SegmentationDataset(val_samples, cfg.image_size, mean, std)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(cfg.seed))
@@ -166,17 +181,18 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         "delta": cfg.delta if method.private else None, "accountant": cfg.accountant,
         "lr": cfg.effective_lr, "n_params": count_parameters(model),
         "steps": 0, "epsilon": 0.0 if method.private else None, "epochs_done": 0,
-        "versions": package_versions()})
+        "versions": package_versions()}, keep_completed=keep_completed)
     if method.private:
         log(f"noise multiplier σ={method.noise_multiplier:.4g}, sample rate "
             f"q={method.sample_rate:.4g}, δ={cfg.delta:g}")
-    steps = 0
+    steps, aug_generator = 0, torch.Generator().manual_seed(cfg.seed + 3)
     try:
         with _cancel_on_signals():
             for epoch in tqdm(range(cfg.epochs), desc=cfg.run_id(), disable=not progress):
                 t0 = time.perf_counter()
                 train_loss, epoch_steps = _train_epoch(model, optimizer, loader, method,
-                                                       scheduler, epoch, cfg, progress)
+                                                       scheduler, epoch, cfg, progress,
+                                                       aug_generator)
                 steps += epoch_steps
                 stats = method.epoch_stats()
                 seconds = time.perf_counter() - t0
@@ -201,7 +217,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
             writer.finish("completed")
     except (Cancelled, KeyboardInterrupt) as exc:
         writer.finish("cancelled", f"cancelled by {exc or 'SIGINT'} after "
-                                   f"{writer.meta['epochs_done']} epoch(s)")
+                                   f"{len(writer.rows)} epoch(s)")
         raise Cancelled(str(exc) or "SIGINT") from None
     except BaseException as exc:
         writer.finish("failed", f"{type(exc).__name__}: {exc}")

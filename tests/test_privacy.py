@@ -175,3 +175,16 @@ def test_calibrated_noise_reaches_the_target_epsilon():
     sigma = calibrate_noise(3.0, 0.1, 300, 1e-5)
     assert epsilon(0.1, sigma, 300, 1e-5) <= 3.0
     assert epsilon(0.1, sigma * 0.97, 300, 1e-5) > 3.0 - 0.05
+
+
+def test_augmentation_copies_are_averaged_before_clipping():
+    """K adjacent copies form one sample: its averaged gradient is clipped once."""
+    model = nn.Linear(3, 1, bias=False)
+    g = torch.tensor([[3.0, 0.0, 0.0], [1.0, 0.0, 0.0],      # sample 0: mean (2, 0, 0)
+                      [0.0, 0.1, 0.0], [0.0, 0.3, 0.0]])     # sample 1: mean (0, .2, 0)
+    opt = _optimizer(model, max_grad_norm=1.0, aug_multiplicity=2, expected_batch_size=2)
+    model.weight.grad_sample = g[:, None, :].clone()
+    opt.clip_and_accumulate()
+    expected = torch.tensor([1.0, 0.2, 0.0])   # (2,0,0) clipped to norm 1, (0,.2,0) kept
+    assert torch.allclose(model.weight.summed_grad[0], expected, atol=1e-5)
+    assert len(opt.norm_log[0]) == 2            # two samples, not four copies

@@ -159,3 +159,15 @@ def test_one_epoch_of_each_method_on_real_duke_scans(duke_root, tmp_path, case):
         g = next(iter(f["val"].values()))
         assert g["mask"].shape[0] == 496 and g["pred"].shape == g["mask"].shape
     assert torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def test_augmentation_multiplicity_trains_privately(tmp_path):
+    cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, augment=True, aug_multiplicity=3,
+                    **{**TINY, "epochs": 1})
+    run_dir = train(cfg, tmp_path, progress=False, log=lambda *_: None)
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["status"] == "completed"
+    # K copies change nothing in the accounting: one sample, one clipped gradient
+    assert meta["sample_rate"] == pytest.approx(cfg.batch_size / meta["data"]["n_train"])
+    with pytest.raises(ConfigError, match="needs augment=True"):
+        RunConfig(aug_multiplicity=2)

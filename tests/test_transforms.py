@@ -122,15 +122,6 @@ def test_dataset_resizes_once_and_normalises():
     assert torch.equal(ds[1][0], x)  # no augmentation: items are fixed
 
 
-def test_dataset_augmentation_is_seeded():
-    def draws(seed):
-        ds = SegmentationDataset(samples(), (16, 24), 100.0, 50.0, augment=True, seed=seed)
-        return [ds[i % 3][0] for i in range(6)]
-    a, b, c = draws(1), draws(1), draws(2)
-    assert all(torch.equal(p, q) for p, q in zip(a, b))
-    assert not all(torch.equal(p, q) for p, q in zip(a, c))
-
-
 def test_dataset_edge_cases():
     empty = SegmentationDataset([], (16, 24), 100.0, 50.0)  # e.g. a data set without val
     assert len(empty) == 0 and empty.x.shape == (0, 1, 16, 24)

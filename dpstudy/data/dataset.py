@@ -4,7 +4,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dpstudy.data.transforms import augment as augment_pair
 from dpstudy.data.transforms import resize_image, resize_mask
 from dpstudy.errors import DataError
 
@@ -20,8 +19,7 @@ class SegmentationDataset(Dataset):
     ``x`` ``float32 [N, 1, H, W]`` normalised images and ``y`` ``int64 [N, H, W]`` classes.
     """
 
-    def __init__(self, samples, image_size: tuple[int, int], mean: float, std: float,
-                 augment: bool = False, seed: int = 0):
+    def __init__(self, samples, image_size: tuple[int, int], mean: float, std: float):
         samples = list(samples)
         if not std > 0:
             raise DataError(f"normalisation std={std} is invalid; it must be positive (see normalisation_stats)")
@@ -40,16 +38,9 @@ class SegmentationDataset(Dataset):
             masks[i] = resize_mask(s.mask, size)
         self.x = torch.from_numpy(images)[:, None]
         self.y = torch.from_numpy(masks)
-        self.augment = augment
-        # one generator per dataset: augmentations are reproducible for a given seed and
-        # order of access (single-process loading)
-        self._generator = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
         return len(self.names)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.x[i], self.y[i]
-        if self.augment:
-            return augment_pair(x, y, self._generator)
-        return x, y
+        return self.x[i], self.y[i]

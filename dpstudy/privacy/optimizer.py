@@ -7,6 +7,10 @@ The three private methods differ only in
 * whether a random mask zeroes coordinates of every per-sample gradient *before* its
   norm is taken (Random Sparsification), and of the noise.
 
+With augmentation multiplicity K (De et al. 2022) the batch holds K augmented copies of
+each sample, adjacent; their gradients are averaged into the sample's one gradient
+before anything else, so each sample is still clipped once and the sensitivity is C.
+
 Everything else — gradient accumulation across physical batches, noise generation,
 division by the expected batch size, the accountant's step hook — is Opacus's.
 """
@@ -36,7 +40,8 @@ class StudyDPOptimizer(DPOptimizer):
 
     def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, clip_fn: str = "abadi", gamma: float = 0.01,
-                 per_layer: bool = False, sparsifier: Sparsifier | None = None, **kwargs):
+                 per_layer: bool = False, sparsifier: Sparsifier | None = None,
+                 aug_multiplicity: int = 1, **kwargs):
         super().__init__(optimizer, noise_multiplier=noise_multiplier,
                          max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, **kwargs)
@@ -44,6 +49,7 @@ class StudyDPOptimizer(DPOptimizer):
         self.gamma = gamma
         self.per_layer = per_layer
         self.sparsifier = sparsifier
+        self.aug_multiplicity = aug_multiplicity
         n = len(self.params)
         self.block_bounds = [max_grad_norm / math.sqrt(n)] * n if per_layer else None
         self.norm_log: list[torch.Tensor] = []      # per-sample total norms (pre-clip)
@@ -57,7 +63,9 @@ class StudyDPOptimizer(DPOptimizer):
     def clip_and_accumulate(self):
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-        grads = self._masked([self._get_flat_grad_sample(p).to(p.dtype) for p in self.params])
+        k = self.aug_multiplicity
+        grads = [self._get_flat_grad_sample(p).to(p.dtype) for p in self.params]
+        grads = self._masked([g.reshape(len(g) // k, k, *g.shape[1:]).mean(1) for g in grads])
         block_norms = torch.stack([g.flatten(1).norm(2, dim=-1) for g in grads], dim=1)
         total = block_norms.norm(2, dim=1)
         if self.per_layer:

@@ -1,0 +1,173 @@
+"""Empirical privacy: a membership-inference audit of a trained run.
+
+ε is an upper bound on what any attacker can learn; the audit measures what one simple
+attacker does learn. The loss-threshold attack (Yeom et al., 2018) guesses "member"
+when the model's loss on an image is low, so its ROC curve compares the per-sample
+losses of the training images (members) with those of held-out images of the same
+distribution (non-members). The two sets are balanced by subsampling the larger one
+with a fixed seed, so an AUC of 0.5 means chance whatever the split sizes.
+
+With a few dozen images per set the estimates are coarse: every statistic comes with a
+bootstrap interval, and TPR at a false-positive rate is only reported where the
+non-member set can resolve that rate at all (at least 1/FPR non-members).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from .config import RunConfig
+from .data.dataset import SegmentationDataset
+from .data.source import load_data
+from .errors import DataError, StoreError
+from .losses import per_sample_loss
+from .models import build_model
+from .store import CONFIG, RunLock, RunStore, atomic_write_json, load_weights
+
+FPRS = (0.1, 0.01)
+N_BOOTSTRAP = 1000
+SEED = 0
+
+
+def roc_auc(member_scores, nonmember_scores) -> float:
+    """P(member score > non-member score) + ½·P(tie): the area under the ROC curve,
+    computed from ranks (Mann–Whitney U), so ties are handled exactly."""
+    m, n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    if not len(m) or not len(n):
+        raise ValueError("roc_auc needs at least one member and one non-member score")
+    ranks = rankdata(np.concatenate([m, n]))
+    return float((ranks[:len(m)].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(n)))
+
+
+def tpr_at_fpr(member_scores, nonmember_scores, max_fpr: float) -> float:
+    """Largest true-positive rate of a threshold ``score > t`` whose false-positive rate
+    is at most ``max_fpr`` (the attack as used at a fixed error budget)."""
+    m, n = np.asarray(member_scores, float), np.sort(np.asarray(nonmember_scores, float))
+    allowed = int(np.floor(max_fpr * len(n) + 1e-9))   # non-members we may flag
+    # the threshold sits at the (allowed+1)-th largest non-member score: only scores above
+    # it are flagged, so at most `allowed` non-members (fewer with ties) are
+    threshold = n[len(n) - allowed - 1] if allowed < len(n) else -np.inf
+    return float(np.mean(m > threshold))
+
+
+def bootstrap_ci(member_scores, nonmember_scores,
+                 statistic: Callable[[np.ndarray, np.ndarray], float],
+                 n_boot: int = N_BOOTSTRAP, level: float = 0.95,
+                 seed: int = SEED) -> tuple[float, float]:
+    """Percentile interval of ``statistic`` over resamples of members and non-members,
+    each drawn with replacement from its own set (the two sets are independent samples)."""
+    m, n = np.asarray(member_scores, float), np.asarray(nonmember_scores, float)
+    rng = np.random.default_rng(seed)
+    values = [statistic(m[rng.integers(0, len(m), len(m))], n[rng.integers(0, len(n), len(n))])
+              for _ in range(n_boot)]
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(values, [tail, 1 - tail])
+    return float(lo), float(hi)
+
+
+def balance(members, nonmembers, seed: int = SEED):
+    """Subsample the larger set (without replacement) to the size of the smaller one."""
+    rng = np.random.default_rng(seed)
+    k = min(len(members), len(nonmembers))
+
+    def pick(scores):
+        scores = np.asarray(scores, float)
+        if len(scores) == k:
+            return scores
+        return scores[np.sort(rng.choice(len(scores), k, replace=False))]
+
+    return pick(members), pick(nonmembers)
+
+
+def attack_statistics(member_losses, nonmember_losses, n_boot: int = N_BOOTSTRAP,
+                      seed: int = SEED) -> dict:
+    """The loss-threshold attack on balanced sets: score = −loss (members fit better)."""
+    m_loss, n_loss = balance(member_losses, nonmember_losses, seed)
+    m, n = -m_loss, -n_loss
+    out = {"auc": roc_auc(m, n), "auc_ci": list(bootstrap_ci(m, n, roc_auc, n_boot, seed=seed)),
+           "tpr_at_fpr": {}, "tpr_at_fpr_ci": {},
+           "n_members": len(m), "n_nonmembers": len(n),
+           "member_loss_mean": float(m_loss.mean()), "nonmember_loss_mean": float(n_loss.mean()),
+           "n_bootstrap": n_boot, "seed": seed}
+    for fpr in (f for f in FPRS if len(n) * f >= 1):
+        out["tpr_at_fpr"][str(fpr)] = tpr_at_fpr(m, n, fpr)
+        out["tpr_at_fpr_ci"][str(fpr)] = list(bootstrap_ci(
+            m, n, functools.partial(tpr_at_fpr, max_fpr=fpr), n_boot, seed=seed))
+    return out
+
+
+@torch.no_grad()
+def sample_losses(model: torch.nn.Module, dataset: SegmentationDataset, dice_weight: float,
+                  batch_size: int = 8) -> np.ndarray:
+    """Per-sample training loss of every image, model in eval mode."""
+    model.eval()
+    return torch.cat([per_sample_loss(model(dataset.x[i:i + batch_size]),
+                                      dataset.y[i:i + batch_size], dice_weight)
+                      for i in range(0, len(dataset), batch_size)]).numpy()
+
+
+def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED) -> dict:
+    """Audit a completed run and store the result under ``"audit"`` in its config.json.
+
+    Members are exactly the images the run trained on (same data, same ``limit``, checked
+    by fingerprint); non-members come from the test split if present, else val.
+    """
+    store = RunStore(runs_dir)
+    meta = store.read_meta(run_id)
+    if meta.get("status") != "completed":
+        raise StoreError(f"run {run_id} is {meta.get('status')}; only completed runs are audited")
+    cfg = RunConfig.from_dict({**meta["config"], "image_size": tuple(meta["config"]["image_size"])},
+                              where=str(store.path(run_id) / CONFIG))
+    bundle = load_data(meta["data"]["spec"], cfg.limit)
+    if bundle.fingerprint != meta["data"]["fingerprint"]:
+        raise DataError(f"{bundle.spec}: data fingerprint {bundle.fingerprint} differs from the "
+                        f"one run {run_id} trained on ({meta['data']['fingerprint']}); the "
+                        f"members cannot be identified")
+    held_out = next((s for s in ("test", "val") if bundle.splits.get(s)), None)
+    if held_out is None or not bundle.splits.get("train"):
+        raise DataError(f"{bundle.spec}: the audit needs the train split and a test or val "
+                        f"split (has {sorted(bundle.splits)})")
+    norm = meta["normalisation"]
+    model = build_model(cfg.model, cfg.base_width, cfg.depth)
+    load_weights(store, run_id, model)
+    losses = {split: sample_losses(model, SegmentationDataset(
+        bundle.splits[split], cfg.image_size, norm["mean"], norm["std"]), cfg.dice_weight)
+        for split in ("train", held_out)}
+    result = {"attack": "loss-threshold", "member_split": "train", "nonmember_split": held_out,
+              **attack_statistics(losses["train"], losses[held_out], n_boot, seed),
+              "created": time.time()}
+    _store_audit(store, run_id, result)
+    return result
+
+
+def runs_to_audit(runs_dir, redo: bool = False) -> list[str]:
+    """Completed runs without an audit (all completed runs if ``redo``)."""
+    store = RunStore(runs_dir)
+    out = []
+    for run_id in store.run_ids():
+        try:
+            meta = store.read_meta(run_id)
+        except StoreError:
+            continue
+        if meta.get("status") == "completed" and (redo or "audit" not in meta):
+            out.append(run_id)
+    return out
+
+
+def _store_audit(store: RunStore, run_id: str, result: dict) -> None:
+    """Read–modify–write config.json under the run's lock: only ``audit`` changes."""
+    run_dir = store.path(run_id)
+    lock = RunLock(run_dir).acquire()
+    try:
+        meta = json.loads((run_dir / CONFIG).read_text())
+        meta["audit"] = result
+        atomic_write_json(run_dir / CONFIG, meta)
+    finally:
+        lock.release()

@@ -1,0 +1,214 @@
+"""The study report: one folder of tables and figures from a run store.
+
+A configuration is a run's full config minus its seed, so seeds are aggregated as a
+mean and a spread (sample standard deviation). Only completed runs count; the others
+are listed in the report with their status and error, never silently dropped.
+Pretraining runs (the ``init_from`` of other runs) appear in the tables but not in
+the figures, whose runs should all be trained and scored on the same data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from . import plots
+from .config import RunConfig
+from .store import RunStore
+
+CONFIG_COLUMNS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "seed"]
+#: Headline metrics: seed mean under the metric's own name, spread under the second.
+SPREAD = {"val_dice_fg_mean": "val_dice_fg_std", "val_dice_all_mean": "val_dice_all_std",
+          "mia_auc": "mia_auc_std"}
+SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm",
+                 "target_epsilon", "epsilon", "n_seeds", "val_dice_fg_mean", "val_dice_fg_std",
+                 "val_dice_all_mean", "val_dice_all_std", "mia_auc", "mia_auc_std"]
+#: Columns of the readable table, in order; each shown only where configurations differ
+#: in it (model and method always).
+TABLE_KEYS = ["model", "method", "noise_multiplier", "target_epsilon", "max_grad_norm",
+              "pretrained", "data_kind"]
+
+
+def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(completed runs, every other run with its status and error)."""
+    if runs.empty:
+        return runs, runs
+    done = runs["status"] == "completed"
+    others = runs.loc[~done, [c for c in ("run_id", "status", "error") if c in runs]]
+    return runs[done].copy(), others
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per configuration of completed ``runs`` (a ``list_runs()`` table).
+
+    ``noise_multiplier`` is the σ actually used (calibrated for ε-targeted runs), ``epsilon``
+    the ε spent; ``config`` numbers the rows so figures and tables can refer to them.
+    """
+    if runs.empty:
+        return pd.DataFrame(columns=list(dict.fromkeys(
+            [*SUMMARY_FIRST, *CONFIG_COLUMNS, "pretraining", "data_kind", "seeds", "run_ids"])))
+    runs = runs.copy()
+    for col in (*SPREAD, "epsilon"):
+        runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else np.nan
+    keys = [c for c in CONFIG_COLUMNS if c in runs]
+    metrics = [c for c in runs if c.startswith(("val_", "train_"))
+               or c in ("epsilon", "mia_auc", "duration_s")]
+    grouped = runs.groupby(keys, dropna=False, sort=False)
+    summary = grouped[metrics].mean()
+    for metric, spread in SPREAD.items():
+        summary[spread] = grouped[metric].std()
+    summary["n_seeds"] = grouped.size()
+    summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
+    summary["run_ids"] = grouped["run_id"].agg(" ".join)
+    summary["data_kind"] = grouped["data_kind"].first()
+    summary = summary.reset_index()
+    pretrain_ids = set(runs["init_from"].dropna())
+    summary["pretraining"] = summary["run_ids"].map(
+        lambda ids: bool(set(ids.split()) & pretrain_ids))
+    summary = summary.sort_values(["pretraining", "model", "method", "target_epsilon",
+                                   "noise_multiplier", "max_grad_norm"],
+                                  ascending=[False, True, True, True, True, True],
+                                  na_position="first", kind="stable", ignore_index=True)
+    summary.insert(0, "config", np.arange(1, len(summary) + 1))
+    first = [c for c in SUMMARY_FIRST if c in summary]
+    return summary[first + [c for c in summary if c not in first]]
+
+
+def _mean_spread(mean, spread, digits: int = 3) -> str:
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.{digits}f}" + ("" if pd.isna(spread) else f" ± {spread:.{digits}f}")
+
+
+def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Every configuration with the settings that distinguish it and mean ± spread."""
+    s = summary.assign(pretrained=summary["init_from"].notna().map({True: "yes", False: "no"}))
+    shown = [k for k in TABLE_KEYS
+             if k in ("model", "method") or s[k].astype(str).nunique() > 1]
+    table = s[["config", *shown]].copy()
+    for col in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
+        if col in table:
+            table[col] = table[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    table["role"] = s["pretraining"].map({True: "pretraining", False: ""})
+    table["n_seeds"] = s["n_seeds"]
+    table["epsilon"] = s["epsilon"].map(lambda v: "∞" if pd.isna(v) else f"{v:.3g}")
+    for title, metric in (("Dice (fg)", "val_dice_fg_mean"), ("Dice (all)", "val_dice_all_mean"),
+                          ("MIA AUC", "mia_auc")):
+        table[title] = [_mean_spread(m, sd) for m, sd in zip(s[metric], s[SPREAD[metric]])]
+    return table if table["role"].any() else table.drop(columns="role")
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table (pipes in cells escaped)."""
+    cells = [[str(v).replace("|", "\\|") for v in row] for row in table.itertuples(index=False)]
+    lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells]) + "\n"
+
+
+def stacked_history(store: RunStore, summary: pd.DataFrame) -> pd.DataFrame:
+    """Every completed run's history with its configuration number, method and model."""
+    frames = []
+    for row in summary.itertuples():
+        for run_id in row.run_ids.split():
+            hist = store.read_history(run_id)
+            frames.append(hist.assign(run_id=run_id, config=row.config, method=row.method,
+                                      model=row.model))
+    return pd.concat(frames, ignore_index=True)
+
+
+def curves_chart(history: pd.DataFrame) -> alt.FacetChart:
+    """Seed-mean training curves, one line per configuration, coloured by method: the
+    per-run chart of the app cannot stay legible over a whole study."""
+    series = [c for c in ("val_dice_fg_mean", "train_loss") if c in history]
+    data = (history.groupby(["config", "method", "model", "epoch"])[series].mean()
+            .reset_index().melt(id_vars=["config", "method", "model", "epoch"],
+                                value_vars=series, var_name="series", value_name="value"))
+    return alt.Chart(data).mark_line(opacity=0.8).encode(
+        x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(format="d", tickMinStep=1)),
+        y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
+        color=alt.Color("method:N", scale=plots.METHOD_SCALE), detail="config:N",
+        tooltip=["config", "method", "model", "epoch", "series", "value"],
+    ).properties(width=300, height=200).facet(
+        row=alt.Row("series:N", title=None), column=alt.Column("model:N", title=None),
+    ).resolve_scale(y="independent").properties(title="Training curves (mean over seeds)")
+
+
+def audit_chart(summary: pd.DataFrame) -> alt.LayerChart:
+    """Membership-inference AUC against ε: DP configurations as points, non-private ones
+    as dashed rules (ε = ∞), chance (0.5) as a grey rule."""
+    data = summary.loc[summary["mia_auc"].notna(),
+                       ["config", "model", "method", "noise_multiplier", "epsilon",
+                        "n_seeds", "mia_auc", "mia_auc_std"]]
+    data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)]
+    x = alt.X("epsilon:Q", title="ε (log scale)", scale=alt.Scale(type="log"))
+    y = alt.Y("mia_auc:Q", title="membership-inference AUC", scale=alt.Scale(zero=False))
+    tooltip = list(data.columns)
+    base = alt.Chart(data)
+    points = base.mark_point(filled=True, size=80).encode(
+        x=x, y=y, color=alt.Color("method:N", scale=plots.METHOD_SCALE),
+        shape=alt.Shape("model:N", scale=plots.MODEL_SCALE), tooltip=tooltip,
+    ).transform_filter(alt.datum.method != "non_dp")
+    rules = base.mark_rule(strokeDash=[6, 4]).encode(
+        y="mia_auc:Q", color=alt.Color("method:N", scale=plots.METHOD_SCALE), tooltip=tooltip,
+    ).transform_filter(alt.datum.method == "non_dp")
+    chance = base.mark_rule(color="#999999").encode(y=alt.datum(0.5))
+    return alt.layer(chance, rules, points, data=data).properties(
+        width=plots.WIDTH, height=plots.HEIGHT, title="Empirical privacy: loss-threshold attack")
+
+
+def figures(store: RunStore, runs: pd.DataFrame,
+            summary: pd.DataFrame) -> dict[str, alt.TopLevelMixin]:
+    """The report's charts by file stem; a chart without data is left out."""
+    if summary.empty:
+        return {}
+    studied = summary[~summary["pretraining"]]
+    per_run = runs[runs["run_id"].isin(" ".join(studied["run_ids"]).split())]
+    charts = {f"frontier_{model}": plots.frontier_chart(rows).properties(
+        title=f"Privacy–utility frontier, {model} (mean over seeds)")
+        for model, rows in studied.groupby("model")}
+    if len(studied):
+        charts["curves"] = curves_chart(stacked_history(store, studied))
+    by_sigma = per_run[per_run["method"].ne("non_dp") & per_run["target_epsilon"].isna()]
+    if len(by_sigma):
+        charts["dice_vs_sigma"] = plots.noise_chart(by_sigma)
+    if studied["mia_auc"].notna().any():
+        charts["audit_auc"] = audit_chart(studied)
+    return charts
+
+
+def write_report(runs_dir, out) -> list[Path]:
+    """Write summary.csv, table.csv/.md, figures (PNG + the CSV behind each) and
+    report.md into ``out``; returns the files written."""
+    store = RunStore(runs_dir)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs, excluded = completed_runs(store.list_runs())
+    summary = summarise(runs)
+    table = readable_table(summary)
+    written = {"summary.csv": summary.to_csv(index=False), "table.csv": table.to_csv(index=False),
+               "table.md": markdown(table)}
+    for name, text in written.items():
+        (out / name).write_text(text)
+    paths = [out / name for name in written]
+    charts = figures(store, runs, summary)
+    for stem, chart in charts.items():
+        (out / f"{stem}.png").write_bytes(plots.chart_to_png(chart))
+        (out / f"{stem}.csv").write_bytes(plots.chart_to_csv(chart))
+        paths += [out / f"{stem}.png", out / f"{stem}.csv"]
+    (out / "report.md").write_text(_report_md(store, summary, table, charts, excluded))
+    return [*paths, out / "report.md"]
+
+
+def _report_md(store, summary, table, charts, excluded) -> str:
+    parts = [f"# dpstudy report\n\nRun store: `{store.root.resolve()}` — {len(summary)} "
+             f"configuration(s) from {int(summary['n_seeds'].sum())} completed run(s); "
+             f"mean ± sample standard deviation over seeds. `summary.csv` has every field.\n",
+             markdown(table)]
+    parts += [f"![{stem}]({stem}.png)\n" for stem in charts]
+    if len(excluded):
+        parts.append(f"## Runs not included ({len(excluded)})\n\n" + markdown(excluded.fillna("")))
+    return "\n".join(parts)

@@ -1,0 +1,135 @@
+"""Profiles with public pretraining, and the report of the store they produce."""
+
+import struct
+
+import pandas as pd
+import pytest
+from _runs import main
+
+from dpstudy.audit import audit_run
+from dpstudy.errors import ConfigError
+from dpstudy.report import write_report
+from dpstudy.store import RunStore, RunWriter
+from dpstudy.sweep import load_profile, run_sweep
+
+PROFILE = """
+[base]
+limit = 6
+image_size = [32, 32]
+base_width = 8
+depth = 2
+epochs = 2
+batch_size = 2
+
+[pretrain]
+epochs = 1
+
+[[grid]]
+model = ["unet"]
+method = ["dp_sgd"]
+noise_multiplier = [1.0]
+seed = [0, 1]
+pretrained = true
+
+[[grid]]
+model = ["unet"]
+method = ["non_dp", "auto_clip"]
+noise_multiplier = [2.0]
+"""
+REQUIRED = ["model", "method", "noise_multiplier", "max_grad_norm", "target_epsilon", "epsilon",
+            "n_seeds", "val_dice_fg_mean", "val_dice_fg_std", "val_dice_all_mean", "mia_auc"]
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    """A store trained from a profile, partly audited, with a failed and a broken run."""
+    root = tmp_path_factory.mktemp("runs")
+    path = root.parent / "tiny.toml"
+    path.write_text(PROFILE)
+    configs, _ = load_profile(str(path), overrides={"data": "synthetic"})
+    results = run_sweep(configs, root, progress=False)
+    assert {r["status"] for r in results} == {"completed"}, results
+    store = RunStore(root)
+    dp = [c.run_id() for c in configs if c.method == "dp_sgd"]
+    for run_id in dp:
+        audit_run(root, run_id, n_boot=20)
+    RunWriter(store, "unet-failed-run", {"config": configs[1].to_dict()}).finish("failed", "boom")
+    (root / "broken-run").mkdir()
+    (root / "broken-run" / "config.json").write_text("{")
+    return root, configs, dp
+
+
+def test_pretraining_runs_come_first_and_finish_before_their_dependents(study):
+    root, configs, _ = study
+    store = RunStore(root)
+    pre = configs[0]
+    assert pre.data == "synthetic" and pre.method == "non_dp" and pre.epochs == 1
+    dependents = [c for c in configs if c.init_from]
+    assert len(dependents) == 2 and {c.init_from for c in dependents} == {pre.run_id()}
+    assert all(c.init_from is None for c in configs if c.method != "dp_sgd")
+    finished = store.read_meta(pre.run_id())["updated"]
+    assert all(store.read_meta(c.run_id())["created"] >= finished for c in dependents)
+
+
+def test_overrides_win_except_the_public_data_of_pretraining(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text(PROFILE)
+    configs, _ = load_profile(str(path), overrides={"data": "/duke", "epochs": 5})
+    assert configs[0].data == "synthetic" and all(c.epochs == 5 for c in configs)
+    assert all(c.data == "/duke" for c in configs[1:])
+    assert all(c.init_from in (None, configs[0].run_id()) for c in configs)
+    path.write_text(PROFILE.replace("[pretrain]\nepochs = 1\n", ""))
+    with pytest.raises(ConfigError, match="no \\[pretrain\\] table"):
+        load_profile(str(path))
+    path.write_text(PROFILE.replace("pretrained = true", "pretrained = 'yes'"))
+    with pytest.raises(ConfigError, match="pretrained"):
+        load_profile(str(path))
+
+
+def test_summary_has_one_row_per_configuration_with_seed_statistics(study, tmp_path):
+    root, configs, dp = study
+    write_report(root, tmp_path)
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert set(REQUIRED) <= set(summary.columns)
+    assert len(summary) == 4 and sorted(summary["n_seeds"]) == [1, 1, 1, 2]
+    runs = RunStore(root).list_runs().set_index("run_id")
+    row = summary[summary["method"] == "dp_sgd"].iloc[0]
+    dice = runs.loc[dp, "val_dice_fg_mean"]
+    assert row["val_dice_fg_mean"] == pytest.approx(dice.mean())
+    assert row["val_dice_fg_std"] == pytest.approx(dice.std())
+    assert row["mia_auc"] == pytest.approx(runs.loc[dp, "mia_auc"].mean())
+    assert row["epsilon"] == pytest.approx(runs.loc[dp[0], "epsilon"])
+    assert row["noise_multiplier"] == 1.0 and pd.isna(row["target_epsilon"])
+    pre = summary[summary["pretraining"]]
+    assert pre["run_ids"].tolist() == [configs[0].run_id()]
+    assert summary["mia_auc"].notna().sum() == 1
+
+
+def test_report_writes_tables_figures_and_lists_the_excluded_runs(study, tmp_path, capsys):
+    root, _, _ = study
+    rc, out, err = main(capsys, "report", str(root), "--out", str(tmp_path))
+    assert rc == 0, err
+    written = {p.split("/")[-1] for p in out.split()}
+    assert {"summary.csv", "table.csv", "table.md", "report.md"} <= written
+    for stem in ("frontier_unet", "curves", "dice_vs_sigma", "audit_auc"):
+        width, height = png_size(tmp_path / f"{stem}.png")
+        assert width > 200 and height > 100
+        assert len(pd.read_csv(tmp_path / f"{stem}.csv"))
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("\n") == 2 + 4 and "±" in table
+    report = (tmp_path / "report.md").read_text()
+    assert "unet-failed-run" in report and "boom" in report and "broken-run" in report
+    curves = pd.read_csv(tmp_path / "curves.csv")
+    assert set(curves["epoch"]) == {1, 2}
+
+
+def test_report_of_an_empty_store(tmp_path):
+    paths = write_report(tmp_path / "none", tmp_path / "out")
+    assert not any(p.suffix == ".png" for p in paths)
+    assert "model" in (tmp_path / "out" / "summary.csv").read_text()
