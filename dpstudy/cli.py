@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="calibrate σ so that ε after all epochs is at most this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true",
+                   help="train again a run that already completed, replacing its results")
     _add_common(p)
 
     p = sub.add_parser("sweep", help="train a grid of runs in parallel (resumable)")
@@ -149,7 +151,7 @@ def cmd_train(args) -> None:
                     noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
                     **_base_fields(args))
     run_dir = train(cfg, args.runs_dir or default_runs_dir(), progress=not args.quiet,
-                    log=lambda m: print(m, file=sys.stderr))
+                    log=lambda m: print(m, file=sys.stderr), keep_completed=not args.force)
     print(run_dir)
 
 

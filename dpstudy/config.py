@@ -28,9 +28,11 @@ LR_SCHEDULES = ("constant", "cosine")
 #: update has per-sample norm ≈1 where flat clipping's is ≤C, and it is not divided
 #: by anything threshold-like, so its learning rate lives on a different scale
 #: (Bu et al.: AC at lr η ≈ flat clipping at lr η/C). Adam is invariant to that scale,
-#: which is why all DP methods share one Adam default.
+#: which is why all DP methods share one Adam default. Non-private Adam at 5e-3: on the
+#: phantom (U-Net, width 8, 128², 15 epochs) it reached foreground Dice 0.30 where 1e-3
+#: reached 0.16 — with 9 steps per epoch, a small learning rate barely moves.
 DEFAULT_LR = {
-    ("non_dp", "adam"): 1e-3,
+    ("non_dp", "adam"): 5e-3,
     ("dp_sgd", "adam"): 2e-3,
     ("auto_clip", "adam"): 2e-3,
     ("random_sparsification", "adam"): 2e-3,

@@ -8,6 +8,8 @@ data loader the loop must iterate — with :class:`StudyDPOptimizer` as the opti
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from opacus import PrivacyEngine
 
@@ -15,6 +17,12 @@ from .config import RunConfig
 from .privacy.accounting import calibrate_noise
 from .privacy.optimizer import StudyDPOptimizer
 from .privacy.sparsification import Sparsifier
+
+
+# Opacus warns on every run that secure RNG is off (we seed the noise for reproducible
+# studies) and on every backward that the input needs no gradient (it never does here).
+warnings.filterwarnings("ignore", message="Secure RNG turned off")
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 class NonPrivate:

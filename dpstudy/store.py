@@ -153,7 +153,7 @@ class RunStore:
         try:
             df = pd.read_csv(path)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{path}: corrupt history ({exc})") from None
+            raise StoreError(f"{path}: corrupt history ({str(exc).strip()})") from None
         if "epoch" not in df.columns:
             raise StoreError(f"{path}: corrupt history (no 'epoch' column)")
         return df
@@ -201,17 +201,22 @@ class RunStore:
 class RunWriter:
     """Owns one run directory while it trains: lock, status, history, artefacts."""
 
-    def __init__(self, store: RunStore, run_id: str, meta: dict):
+    def __init__(self, store: RunStore, run_id: str, meta: dict, keep_completed: bool = False):
         self.store = store
         self.run_id = run_id
         self.dir = store.path(run_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.lock = RunLock(self.dir).acquire()
+        if keep_completed and store.is_completed(run_id):  # re-checked under the lock
+            self.lock.release()
+            raise StoreError(f"run {run_id} is already completed ({self.dir}); train it "
+                             f"again with --force, which replaces its results")
         self.meta = {**meta, "run_id": run_id, "status": "running", "error": None,
                      "pid": os.getpid(), "created": time.time()}
         self.meta["updated"] = self.meta["created"]
         self.rows: list[dict] = []
-        (self.dir / HISTORY).unlink(missing_ok=True)   # a re-run starts its history anew
+        for stale in (HISTORY, CHECKPOINT, PREDICTIONS):  # a re-run starts anew: no result
+            (self.dir / stale).unlink(missing_ok=True)    # of an earlier attempt survives
         self.update()
 
     def update(self, **fields) -> None:
@@ -220,9 +225,9 @@ class RunWriter:
         atomic_write_json(self.dir / CONFIG, self.meta)
 
     def append_history(self, row: dict) -> None:
-        self.rows.append(row)
-        atomic_write_bytes(self.dir / HISTORY,
-                           pd.DataFrame(self.rows).to_csv(index=False).encode())
+        rows = [*self.rows, row]    # kept only once written: rows == what history.csv holds
+        atomic_write_bytes(self.dir / HISTORY, pd.DataFrame(rows).to_csv(index=False).encode())
+        self.rows = rows
 
     def save_checkpoint(self, state_dict: dict) -> None:
         buf = io.BytesIO()
@@ -246,7 +251,9 @@ class RunWriter:
             raise
 
     def finish(self, status: str, error: str | None = None) -> None:
-        self.update(status=status, error=error, duration_s=time.time() - self.meta["created"])
+        # epochs_done from the history itself: a signal may land between the two writes
+        self.update(status=status, error=error, duration_s=time.time() - self.meta["created"],
+                    epochs_done=len(self.rows))
         self.lock.release()
 
 

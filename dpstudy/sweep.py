@@ -137,8 +137,8 @@ def _train_one(cfg_dict: dict, runs_dir: str, threads: int) -> dict:
         locked = "being trained by another process" in str(exc)
         return {"run_id": run_id, "status": "skipped (locked)" if locked else "failed",
                 "error": str(exc)}
-    except Cancelled as exc:
-        return {"run_id": run_id, "status": "cancelled", "error": str(exc)}
+    except Cancelled:
+        raise  # SIGTERM/SIGINT stops the whole sweep, not just the run it was training
     except Exception as exc:  # noqa: BLE001 — recorded in the run; the sweep goes on
         return {"run_id": run_id, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}
     return {"run_id": run_id, "status": "completed"}

@@ -59,3 +59,16 @@ def test_data_location_falls_back_to_the_environment_then_the_phantom(tmp_path):
     r = dpstudy("train", *TINY[2:], "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert "synthetic OCT phantom" in r.stderr
+
+
+def test_a_completed_run_is_not_retrained_without_force(tmp_path):
+    args = ("train", *TINY, "--runs-dir", str(tmp_path))
+    first = dpstudy(*args)
+    run_dir = Path(first.stdout.strip().splitlines()[-1])
+    before = (run_dir / "model.pt").read_bytes()
+    again = dpstudy(*args)
+    assert again.returncode == 2 and "already completed" in again.stderr and "--force" in again.stderr
+    assert (run_dir / "model.pt").read_bytes() == before
+    forced = dpstudy(*args, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads((run_dir / "config.json").read_text())["status"] == "completed"

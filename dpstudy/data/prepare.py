@@ -128,7 +128,7 @@ def _read_fields(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 data = {name: np.asarray(f[name]).T for name in FIELDS if name in f}
         else:
             data = scipy.io.loadmat(path, variable_names=FIELDS)
-    except (OSError, ValueError, TypeError, scipy.io.matlab.MatReadError) as exc:
+    except (OSError, ValueError, TypeError, IndexError, scipy.io.matlab.MatReadError) as exc:
         raise DataError(f"{path} is not a readable MATLAB file ({exc}); re-download the Duke DME data") from None
     for name in FIELDS:
         if name not in data:

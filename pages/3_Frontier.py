@@ -1,0 +1,23 @@
+"""Frontier: privacy spent against utility, per method and model, from completed runs."""
+
+import streamlit as st
+
+from dpstudy import plots
+from dpstudy.ui import chart_block, histories, no_runs, page_config, runs
+
+page_config("Frontier")
+st.title("Privacy–utility frontier")
+df = runs()
+done = df[df["status"] == "completed"]
+if done[done["method"] != "non_dp"].empty:
+    no_runs("No completed DP run yet: the frontier needs at least one.")
+    st.stop()
+
+label = st.selectbox("utility metric", list(plots.UTILITY_METRICS), key="metric")
+metric = plots.UTILITY_METRICS[label]
+st.caption("Completed runs only; validation metrics of the last epoch. Lines: each "
+           "method's Pareto front. Dashed rules: non-private runs.")
+chart_block(plots.frontier_chart(done, metric), "frontier")
+chart_block(plots.noise_chart(done, metric), "utility_vs_sigma")
+private_ids = done.loc[done["method"] != "non_dp", "run_id"]
+chart_block(plots.epsilon_epochs_chart(histories(private_ids)), "epsilon_vs_epochs")

@@ -1,0 +1,119 @@
+"""End to end in a real browser: launch a run from the sidebar form, watch it finish,
+look at its masks, download the frontier as PNG; and the first request to every page URL
+of a fresh server. No request may leave the machine.
+
+``DPSTUDY_SCREENSHOTS=1`` also launches a non-private and an Automatic Clipping run and
+writes ``docs/masks.png`` and ``docs/frontier.png``.
+"""
+
+import io
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+from _browser import (CHROMIUM, NAV, SCREENSHOTS, chromium_page, screenshot, sidebar_nav,
+                      streamlit_server)
+from dpstudy.store import RunStore
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not Path(CHROMIUM).exists(),
+                                 reason=f"{CHROMIUM} missing (make browser)")]
+TINY_FORM = {"epochs": 1, "batch_size": 2, "height": 32, "width": 32, "base_width": 8,
+             "depth": 2, "limit": 4}
+LAUNCHES = [("dp_sgd", 1.0)] + ([("non_dp", None), ("auto_clip", 2.0)] if SCREENSHOTS else [])
+#: URL path -> the page's title (h1)
+TITLES = {"": "Runs", "Launch": "Launch and follow runs", "Masks": "Masks",
+          "Frontier": "Privacy–utility frontier", "Curves": "Training curves"}
+
+
+def expected_nav(current: str) -> list[tuple[str, str, bool]]:
+    return [(label, path, path == current) for label, path in NAV.items()]
+
+
+def choose(page, key: str, option: str, exact: bool = True) -> None:
+    opener = page.locator(f".st-key-{key} button[aria-label='Open']")
+    opener.scroll_into_view_if_needed()  # a scroll while open closes the list
+    page.wait_for_timeout(300)
+    opener.click()
+    page.get_by_role("option", name=option, exact=exact).click()
+
+
+def type_number(page, key: str, value) -> None:
+    field = page.locator(f".st-key-{key} input")
+    field.fill(str(value))
+    field.press("Tab")  # commit without submitting the form (Enter would submit)
+
+
+def wait_completed(root: Path, count: int, timeout: float = 120) -> list[str]:
+    store, deadline = RunStore(root), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [r for r in store.run_ids() if store.is_completed(r)]
+        if len(done) == count:
+            return done
+        time.sleep(1)
+    raise AssertionError(f"runs in {root}: {store.list_runs().to_dict('records')}")
+
+
+def test_launch_watch_masks_and_frontier_download(tmp_path):
+    root, outside = tmp_path / "runs", []
+    with streamlit_server(root, tmp_path / "streamlit.log") as url, \
+            chromium_page(outside) as page:
+        page.goto(f"{url}/Launch")
+        page.get_by_text("Training now").wait_for(timeout=30_000)  # the script has run
+        assert sidebar_nav(page) == expected_nav("Launch")
+        for key, value in TINY_FORM.items():
+            type_number(page, key, value)
+        for method, sigma in LAUNCHES:
+            choose(page, "method", method)
+            if sigma is not None:
+                type_number(page, "sigma", sigma)
+            page.locator(".st-key-start button").click()
+            page.get_by_text("Started a run").wait_for(timeout=30_000)
+        run_ids = wait_completed(root, len(LAUNCHES))
+        assert any(r.startswith("unet-dp_sgd-sigma1-") for r in run_ids)
+        page.get_by_text("exited with status 0").first.wait_for(timeout=15_000)  # self-refresh
+
+        page.goto(f"{url}/Masks")
+        page.locator("[data-testid='stImage'] img").nth(4).wait_for(timeout=30_000)
+        assert page.get_by_text("ground truth", exact=True).count() == 1
+        if SCREENSHOTS:  # the DP run against the non-private one, on the same B-scan
+            choose(page, "run_a", "dp_sgd", exact=False)
+            choose(page, "run_b", "non-private", exact=False)
+            page.locator("[data-testid='stImage'] img").nth(6).wait_for(timeout=30_000)
+            page.locator(".st-key-only_errors").scroll_into_view_if_needed()
+            screenshot(page, "masks")
+
+        page.goto(f"{url}/Frontier")
+        button = page.locator(".st-key-frontier-png button")
+        button.wait_for(timeout=30_000)
+        page.locator("[data-testid='stVegaLiteChart']").first.wait_for()
+        with page.expect_download() as download:
+            button.click()
+        png = Path(download.value.path()).read_bytes()
+        assert download.value.suggested_filename == "frontier.png"
+        screenshot(page, "frontier")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    from PIL import Image
+    image = Image.open(io.BytesIO(png))
+    image.load()  # decodes every pixel: a truncated file fails here
+    assert image.size == (width, height) and width > 300 and height > 200
+    assert outside == [], f"the app requested outside resources: {outside}"
+
+
+def test_first_request_to_every_page_url_of_a_fresh_server(tmp_path):
+    """What broke ``st.navigation`` beside a ``pages/`` folder: a fresh server whose first
+    request is a page URL. Each URL gets its own server and must show its own page with
+    the full navigation; a wrong-case URL falls back to the Overview."""
+    outside = []
+    with chromium_page(outside) as page:
+        for path, title in [*TITLES.items(), ("launch", None)]:
+            with streamlit_server(tmp_path / "runs", tmp_path / f"streamlit-{path}.log") as url:
+                page.goto(f"{url}/{path}")
+                heading = page.locator("h1").first
+                heading.wait_for(timeout=30_000)
+                assert heading.inner_text() == (title or TITLES[""]), path
+                assert sidebar_nav(page) == expected_nav(path if title else ""), path
+    assert outside == [], f"the app requested outside resources: {outside}"
