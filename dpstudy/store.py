@@ -99,13 +99,24 @@ class RunLock:
         self.path = Path(run_dir) / LOCK
         self.fd = None
 
+    #: Readers take the lock for an instant to tell a live run from a dead one; a trainer
+    #: retries this long before concluding that another trainer holds it.
+    PATIENCE_S = 0.5
+
     def acquire(self) -> "RunLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise StoreError(f"run {self.path.parent.name} is being trained by another process")
+        deadline = time.monotonic() + self.PATIENCE_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.02)
+                    continue
+                os.close(fd)
+                raise StoreError(
+                    f"run {self.path.parent.name} is being trained by another process") from None
         self.fd = fd
         return self
 

@@ -67,7 +67,7 @@ def test_sigkill_at_random_moments_then_sweep_finishes_the_run(tmp_path, dp_run)
     outcomes = []
     for _ in range(3):
         proc = start_cli("train", *args, "--method", "dp_sgd", "--noise-multiplier", "1.0",
-                         "--quiet", "--runs-dir", str(root))
+                         "--quiet", "--force", "--runs-dir", str(root))   # even if it completed
         after = rng.randrange(3)                # a random moment of a random epoch
         try:
             assert wait_for(lambda: _running_as(run_dir, proc.pid)
