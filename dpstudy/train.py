@@ -196,13 +196,14 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                 steps += epoch_steps
                 stats = method.epoch_stats()
                 seconds = time.perf_counter() - t0
-                metrics, _ = evaluate(model, val_ds, cfg.dice_weight) if len(val_ds) else ({}, [])
+                metrics, native = (evaluate(model, val_ds, cfg.dice_weight) if len(val_ds)
+                                   else ({}, []))
                 row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics,
                        "epsilon": stats["epsilon"], "steps": stats["steps"] or steps,
                        "grad_norm_median": stats["grad_norm_median"],
                        "clipped_fraction": stats["clipped_fraction"],
                        "sparsity": stats["sparsity"],
-                       "lr": getattr(optimizer, "param_groups")[0]["lr"],
+                       "lr": optimizer.param_groups[0]["lr"],
                        "epoch_seconds": seconds}
                 writer.append_history(row)
                 writer.update(epochs_done=epoch + 1, steps=row["steps"],
@@ -210,8 +211,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                 if progress:
                     tqdm.write(_summary(row))
             writer.save_checkpoint(unwrap(model).state_dict())
-            if len(val_ds):
-                _, native = evaluate(model, val_ds, cfg.dice_weight)
+            if len(val_ds):  # the last epoch's predictions are the final model's
                 writer.save_predictions("val", val_ds.names, val_ds.native_images,
                                         val_ds.native_masks, native)
             writer.finish("completed")
