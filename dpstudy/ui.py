@@ -144,3 +144,15 @@ def no_runs(message: str) -> None:
             "`python -m dpstudy train --model unet --method dp_sgd --noise-multiplier 1 "
             f"--epochs 5 --runs-dir {store().root}`")
     st.page_link(LAUNCH_PAGE, label="Open the Launch page")
+
+
+def data_filter(df: pd.DataFrame) -> pd.DataFrame:
+    """Runs on one data source only: a frontier that mixes phantom (pretraining) runs with
+    Duke runs compares numbers measured on different images. The default is the data
+    source with the most runs."""
+    counts = df["data"].value_counts()
+    if len(counts) <= 1:
+        return df
+    choice = st.selectbox("data", list(counts.index), key="data_source",
+                          format_func=lambda d: f"{d} ({counts[d]} runs)")
+    return df[df["data"] == choice]

@@ -3,12 +3,12 @@
 import streamlit as st
 
 from dpstudy import plots
-from dpstudy.ui import chart_block, histories, no_runs, page_config, runs
+from dpstudy.ui import chart_block, data_filter, histories, no_runs, page_config, runs
 
 page_config("Frontier")
 st.title("Privacy–utility frontier")
 df = runs()
-done = df[df["status"] == "completed"]
+done = data_filter(df[df["status"] == "completed"])
 if done[done["method"] != "non_dp"].empty:
     no_runs("No completed DP run yet: the frontier needs at least one.")
     st.stop()

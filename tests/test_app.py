@@ -321,3 +321,25 @@ def test_argument_lists_keep_values_whole():
                          "--noise-multipliers", "0.5"]
     with pytest.raises(ValueError, match="unknown grid axes"):
         launcher.sweep_argv(cfg, {"lrs": [1]})
+
+
+def test_frontier_shows_one_data_source_at_a_time(tmp_path, monkeypatch):
+    """Phantom pretraining runs must not appear as reference lines of a Duke frontier."""
+    import json
+
+    from _runs import write_run
+    root = tmp_path / "runs"
+    for run_id, method, data in [("a-dp", "dp_sgd", "/data/duke"), ("b-non", "non_dp", "/data/duke"),
+                                 ("c-dp", "dp_sgd", "/data/duke"), ("d-pre", "non_dp", "synthetic")]:
+        path = write_run(root, run_id) / "config.json"
+        meta = json.loads(path.read_text())
+        private = method != "non_dp"
+        meta["config"].update(method=method, data=data, noise_multiplier=1.0 if private else None)
+        meta.update(epsilon=3.0 if private else None, noise_multiplier=meta["config"]["noise_multiplier"])
+        path.write_text(json.dumps(meta))
+    monkeypatch.setenv("DPSTUDY_RUNS", str(root))
+    at = AppTest.from_file(str(REPO / "pages/3_Frontier.py"), default_timeout=60).run()
+    assert not at.exception
+    assert at.selectbox(key="data_source").value == "/data/duke"
+    table = chart_data(at.get("vega_lite_chart")[0])
+    assert set(table["run_id"]) == {"a-dp", "b-non", "c-dp"}
