@@ -150,6 +150,8 @@ def data_filter(df: pd.DataFrame) -> pd.DataFrame:
     """Runs on one data source only: a frontier that mixes phantom (pretraining) runs with
     Duke runs compares numbers measured on different images. The default is the data
     source with the most runs."""
+    if df.empty:
+        return df
     counts = df["data"].value_counts()
     if len(counts) <= 1:
         return df

@@ -1,11 +1,22 @@
 """Shared fixtures: the real Duke data (skipped where absent) and a clean environment."""
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+_MAIN_MODULE = sys.modules["__main__"]
+
+
+@pytest.fixture(autouse=True)
+def _main_module_restored():
+    """AppTest installs the app script as ``__main__`` and leaves it there (also from
+    module-scoped fixtures); processes spawned later (Dask workers) would re-run the app
+    on start-up. Every test ends with pytest's own ``__main__`` back in place."""
+    yield
+    sys.modules["__main__"] = _MAIN_MODULE
 
 
 @pytest.fixture(autouse=True)

@@ -35,13 +35,6 @@ def one_thread_env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True)
-def _restore_main_module(monkeypatch):
-    """AppTest installs the app script as ``__main__`` and leaves it there: processes that
-    later tests spawn (Dask workers) would then re-run the app on start-up."""
-    monkeypatch.setitem(sys.modules, "__main__", sys.modules["__main__"])
-
-
 @pytest.fixture(scope="session")
 def run_store(tmp_path_factory) -> Path:
     """Three real 1-epoch trainings through the CLI: non-private and two DP runs."""
