@@ -23,13 +23,12 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from .config import RunConfig
 from .data.dataset import SegmentationDataset
 from .data.source import load_data
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
-from .models import build_model
-from .store import CONFIG, RunLock, RunStore, atomic_write_json, load_weights
+from .evaluate import load_trained, stored_dataset
+from .store import CONFIG, RunLock, RunStore, atomic_write_json
 
 FPRS = (0.1, 0.01)
 N_BOOTSTRAP = 1000
@@ -120,11 +119,10 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     by fingerprint); non-members come from the test split if present, else val.
     """
     store = RunStore(runs_dir)
-    meta = store.read_meta(run_id)
-    if meta.get("status") != "completed":
-        raise StoreError(f"run {run_id} is {meta.get('status')}; only completed runs are audited")
-    cfg = RunConfig.from_dict({**meta["config"], "image_size": tuple(meta["config"]["image_size"])},
-                              where=str(store.path(run_id) / CONFIG))
+    status = store.read_meta(run_id).get("status")
+    if status != "completed":
+        raise StoreError(f"run {run_id} is {status}; only completed runs are audited")
+    meta, cfg, model = load_trained(store, run_id)
     bundle = load_data(meta["data"]["spec"], cfg.limit)
     if bundle.fingerprint != meta["data"]["fingerprint"]:
         raise DataError(f"{bundle.spec}: data fingerprint {bundle.fingerprint} differs from the "
@@ -134,12 +132,9 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     if held_out is None or not bundle.splits.get("train"):
         raise DataError(f"{bundle.spec}: the audit needs the train split and a test or val "
                         f"split (has {sorted(bundle.splits)})")
-    norm = meta["normalisation"]
-    model = build_model(cfg.model, cfg.base_width, cfg.depth)
-    load_weights(store, run_id, model)
-    losses = {split: sample_losses(model, SegmentationDataset(
-        bundle.splits[split], cfg.image_size, norm["mean"], norm["std"]), cfg.dice_weight)
-        for split in ("train", held_out)}
+    losses = {split: sample_losses(model, stored_dataset(bundle.splits[split], cfg, meta),
+                                   cfg.dice_weight)
+              for split in ("train", held_out)}
     result = {"attack": "loss-threshold", "member_split": "train", "nonmember_split": held_out,
               **attack_statistics(losses["train"], losses[held_out], n_boot, seed),
               "created": time.time()}

@@ -64,23 +64,29 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, dice_weight: float 
     return metrics, native
 
 
-def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val") -> dict:
-    """Metrics of a stored run's final checkpoint on any split of any data.
-
-    Uses the normalisation recorded in the run, so evaluation sees inputs scaled exactly
-    as in training.
-    """
-    store = RunStore(runs_dir)
+def load_trained(store: RunStore, run_id: str) -> tuple[dict, RunConfig, nn.Module]:
+    """A stored run's metadata, config and final model, ready to score any images."""
     meta = store.read_meta(run_id)
-    cfg = RunConfig.from_dict({**meta["config"], "image_size": tuple(meta["config"]["image_size"])},
-                              where=str(store.path(run_id) / "config.json"))
+    cfg = RunConfig.from_dict(meta["config"], where=str(store.path(run_id) / "config.json"))
+    model = build_model(cfg.model, cfg.base_width, cfg.depth)
+    load_weights(store, run_id, model)
+    return meta, cfg, model
+
+
+def stored_dataset(samples, cfg: RunConfig, meta: dict) -> SegmentationDataset:
+    """Images scaled exactly as the run saw them in training: its image size and the
+    normalisation recorded from its training split."""
+    norm = meta["normalisation"]
+    return SegmentationDataset(samples, cfg.image_size, norm["mean"], norm["std"])
+
+
+def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val") -> dict:
+    """Metrics of a stored run's final checkpoint on any split of any data."""
+    meta, cfg, model = load_trained(RunStore(runs_dir), run_id)
     bundle = load_data(data or meta["data"]["spec"])
     if split not in bundle.splits:
         raise DataError(f"{bundle.spec}: no {split!r} split (available: {sorted(bundle.splits)})")
-    norm = meta["normalisation"]
-    dataset = SegmentationDataset(bundle.splits[split], cfg.image_size, norm["mean"], norm["std"])
-    model = build_model(cfg.model, cfg.base_width, cfg.depth)
-    load_weights(store, run_id, model)
+    dataset = stored_dataset(bundle.splits[split], cfg, meta)
     metrics, _ = evaluate(model, dataset, cfg.dice_weight, prefix="")
     return {"run_id": run_id, "data": bundle.describe(), "split": split,
             "n_images": len(dataset), **metrics}

@@ -125,10 +125,8 @@ def _train_one(cfg_dict: dict, runs_dir: str, threads: int) -> dict:
 
     from .train import train
     torch.set_num_threads(threads)
-    cfg = RunConfig.from_dict({**cfg_dict, "image_size": tuple(cfg_dict["image_size"])})
+    cfg = RunConfig.from_dict(cfg_dict)
     run_id = cfg.run_id()
-    if RunStore(runs_dir).is_completed(run_id):
-        return {"run_id": run_id, "status": "skipped (completed)"}
     try:
         train(cfg, runs_dir, progress=False, log=lambda *_: None, keep_completed=True)
     except DPStudyError as exc:

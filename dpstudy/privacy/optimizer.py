@@ -50,27 +50,28 @@ class StudyDPOptimizer(DPOptimizer):
         self.per_layer = per_layer
         self.sparsifier = sparsifier
         self.aug_multiplicity = aug_multiplicity
-        n = len(self.params)
-        self.block_bounds = [max_grad_norm / math.sqrt(n)] * n if per_layer else None
+        # every one of the L parameter tensors gets the same bound, C/√L
+        self.block_bound = max_grad_norm / math.sqrt(len(self.params))
         self.norm_log: list[torch.Tensor] = []      # per-sample total norms (pre-clip)
         self.clipped_log: list[torch.Tensor] = []   # per-sample: was any block scaled down
 
-    def _masked(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.sparsifier is None or self.sparsifier.masks is None:
-            return grads
-        return [g * m.to(g) for g, m in zip(grads, self.sparsifier.masks)]
+    @property
+    def _masks(self) -> list[torch.Tensor] | None:
+        return self.sparsifier.masks if self.sparsifier is not None else None
 
     def clip_and_accumulate(self):
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-        k = self.aug_multiplicity
+        k, masks = self.aug_multiplicity, self._masks
         grads = [self._get_flat_grad_sample(p).to(p.dtype) for p in self.params]
-        grads = self._masked([g.reshape(len(g) // k, k, *g.shape[1:]).mean(1) for g in grads])
+        if k > 1:
+            grads = [g.reshape(len(g) // k, k, *g.shape[1:]).mean(1) for g in grads]
+        if masks is not None:
+            grads = [g * m.to(g) for g, m in zip(grads, masks)]
         block_norms = torch.stack([g.flatten(1).norm(2, dim=-1) for g in grads], dim=1)
         total = block_norms.norm(2, dim=1)
         if self.per_layer:
-            bounds = torch.tensor(self.block_bounds, dtype=total.dtype)
-            factors = clip_factor(self.clip_fn, block_norms, bounds, self.gamma)   # [B, L]
+            factors = clip_factor(self.clip_fn, block_norms, self.block_bound, self.gamma)
         else:
             factors = clip_factor(self.clip_fn, total, self.max_grad_norm, self.gamma)
             factors = factors[:, None].expand_as(block_norms)
@@ -82,9 +83,7 @@ class StudyDPOptimizer(DPOptimizer):
             _mark_as_processed(p.grad_sample)
 
     def add_noise(self):
-        masks = None
-        if self.sparsifier is not None and self.sparsifier.masks is not None:
-            masks = self.sparsifier.masks
+        masks = self._masks
         for i, p in enumerate(self.params):
             _check_processed_flag(p.summed_grad)
             noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm,
