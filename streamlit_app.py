@@ -31,6 +31,9 @@ TABLE = {
     "noise_multiplier": st.column_config.NumberColumn("σ", format="%.3g"),
     "max_grad_norm": st.column_config.NumberColumn("C", format="%.3g"),
     "epsilon": st.column_config.NumberColumn("ε", format="%.3g"),
+    "mia_auc": st.column_config.NumberColumn(
+        "MIA AUC", format="%.3f", help="membership-inference audit (dpstudy audit): attack "
+        "AUC, 0.5 = chance; see the Frontier page"),
     "val_dice_fg_mean": st.column_config.NumberColumn("Dice (fg mean)", format="%.4f"),
     "val_dice_all_mean": st.column_config.NumberColumn("Dice (all classes)", format="%.4f"),
     "status": "status",

@@ -24,6 +24,7 @@ import torch
 from scipy.stats import rankdata
 
 from .data.dataset import SegmentationDataset
+from .data.holdout import split_holdout
 from .data.source import load_data
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
@@ -115,8 +116,10 @@ def sample_losses(model: torch.nn.Module, dataset: SegmentationDataset, dice_wei
 def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED) -> dict:
     """Audit a completed run and store the result under ``"audit"`` in its config.json.
 
-    Members are exactly the images the run trained on (same data, same ``limit``, checked
-    by fingerprint); non-members come from the test split if present, else val.
+    Members are exactly the images the run trained on (same data, same ``limit``, same
+    hold-out, checked by fingerprint). Non-members are the run's audit hold-out (B-scans
+    of the training subjects, see :mod:`dpstudy.data.holdout`) when it has one, else the
+    test split if present, else val — other patients, which ``same_subjects`` flags.
     """
     store = RunStore(runs_dir)
     status = store.read_meta(run_id).get("status")
@@ -128,15 +131,25 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
         raise DataError(f"{bundle.spec}: data fingerprint {bundle.fingerprint} differs from the "
                         f"one run {run_id} trained on ({meta['data']['fingerprint']}); the "
                         f"members cannot be identified")
-    held_out = next((s for s in ("test", "val") if bundle.splits.get(s)), None)
-    if held_out is None or not bundle.splits.get("train"):
-        raise DataError(f"{bundle.spec}: the audit needs the train split and a test or val "
-                        f"split (has {sorted(bundle.splits)})")
-    losses = {split: sample_losses(model, stored_dataset(bundle.splits[split], cfg, meta),
-                                   cfg.dice_weight)
-              for split in ("train", held_out)}
-    result = {"attack": "loss-threshold", "member_split": "train", "nonmember_split": held_out,
-              **attack_statistics(losses["train"], losses[held_out], n_boot, seed),
+    if not bundle.splits.get("train"):
+        raise DataError(f"{bundle.spec}: the audit needs the train split (has "
+                        f"{sorted(bundle.splits)})")
+    members, held_out = split_holdout(bundle.splits["train"], cfg.audit_holdout)
+    nonmember_split = "train hold-out" if held_out else next(
+        (s for s in ("test", "val") if bundle.splits.get(s)), None)
+    if nonmember_split is None:
+        raise DataError(f"{bundle.spec}: run {run_id} has no audit hold-out, and the data has "
+                        f"no test or val split for non-members (has {sorted(bundle.splits)})")
+    nonmembers = held_out or bundle.splits[nonmember_split]
+
+    def losses(samples):
+        return sample_losses(model, stored_dataset(samples, cfg, meta), cfg.dice_weight)
+
+    result = {"attack": "loss-threshold", "member_split": "train",
+              "nonmember_split": nonmember_split,
+              # the phantom's splits are one distribution; Duke's are different patients
+              "same_subjects": bool(held_out) or bundle.kind != "duke",
+              **attack_statistics(losses(members), losses(nonmembers), n_boot, seed),
               "created": time.time()}
     _store_audit(store, run_id, result)
     return result

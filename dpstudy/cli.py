@@ -30,6 +30,7 @@ COMMON = {
     "weight_decay": ("--weight-decay", float), "dice_weight": ("--dice-weight", float),
     "limit": ("--limit", int), "init_from": ("--init-from", str),
     "aug_multiplicity": ("--aug-multiplicity", int),
+    "audit_holdout": ("--audit-holdout", float),
 }
 HELP = {
     "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
@@ -38,12 +39,17 @@ HELP = {
     "final_rate": "Random Sparsification final rate r* (gradual cooling from 0)",
     "refresh": "Random Sparsification masks drawn per epoch",
     "accountant": "rdp (default; PRV breaks down at large ε) or prv",
+    "grad_sample_mode": "per-sample gradients: native_conv (default; Opacus hooks with "
+                        "PyTorch's own conv backward per sample, fastest on CPU), hooks or "
+                        "functorch (Opacus's)",
     "max_physical_batch": "split Poisson batches with Opacus's BatchMemoryManager",
     "lr": "learning rate (default per method and optimizer, see README)",
     "limit": "cap images per split (smoke runs)",
     "init_from": "run id of a completed run to start from (e.g. phantom pretraining)",
     "aug_multiplicity": "K augmented copies per sample, gradients averaged before clipping "
                         "(needs --augment)",
+    "audit_holdout": "share of each training subject's B-scans kept out of training as "
+                     "membership-audit non-members (e.g. 0.5)",
 }
 
 

@@ -15,6 +15,7 @@ from opacus import PrivacyEngine
 
 from .config import RunConfig
 from .privacy.accounting import calibrate_noise
+from .privacy.conv_grad_sample import use_native_conv_grad_sample
 from .privacy.optimizer import StudyDPOptimizer
 from .privacy.sparsification import Sparsifier
 
@@ -23,6 +24,11 @@ from .privacy.sparsification import Sparsifier
 # studies) and on every backward that the input needs no gradient (it never does here).
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+#: Our grad-sample modes that run on one of Opacus's: ``native_conv`` is ``hooks`` with
+#: :mod:`dpstudy.privacy.conv_grad_sample` for convolutions.
+OPACUS_MODE = {"native_conv": "hooks"}
 
 
 class NonPrivate:
@@ -87,8 +93,11 @@ class Private(NonPrivate):
         model, optimizer, loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=cfg.grad_sample_mode,
+            poisson_sampling=True, grad_sample_mode=OPACUS_MODE.get(cfg.grad_sample_mode,
+                                                                     cfg.grad_sample_mode),
             noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
+        if cfg.grad_sample_mode == "native_conv":
+            use_native_conv_grad_sample(model)
         self.optimizer = optimizer
         return model, optimizer, loader
 

@@ -122,6 +122,44 @@ def noise_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> alt.Lay
         width=WIDTH, height=HEIGHT, title=f"{label} against noise multiplier")
 
 
+def audit_chart(runs: pd.DataFrame) -> alt.LayerChart:
+    """Membership-inference AUC against ε: DP runs (or configurations) as points,
+    non-private ones as dashed rules (ε = ∞), chance (0.5) as a grey rule.
+
+    Audits whose non-members are other patients mix leakage with the patient shift, so
+    where any audit used same-subject non-members (``mia_same_subjects``) only those are
+    drawn; the subtitle says which kind the chart shows.
+    """
+    data = runs[pd.to_numeric(runs["mia_auc"], errors="coerce").notna()].copy()
+    for col in ("mia_auc", "epsilon"):
+        data[col] = pd.to_numeric(data[col], errors="coerce")
+    same = data.get("mia_same_subjects", pd.Series(False, index=data.index)).eq(True)
+    if same.any():
+        data = data[same]
+        subtitle = "non-members: unseen images of the training subjects (or distribution)"
+    else:
+        subtitle = "non-members: other patients, so the AUC mixes leakage with patient shift"
+    data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)]
+    data = data[[c for c in dict.fromkeys(("config", *CONFIG_FIELDS, "n_seeds", "mia_auc",
+                                           "mia_auc_std", "mia_same_subjects"))
+                 if c in data.columns]]
+    x = alt.X("epsilon:Q", title="ε (log scale)", scale=alt.Scale(type="log"))
+    y = alt.Y("mia_auc:Q", title="membership-inference AUC", scale=alt.Scale(zero=False))
+    colour = alt.Color("method:N", scale=METHOD_SCALE, title="method")
+    tooltip = _tooltip(data, data.columns)
+    points = alt.Chart(data).mark_point(filled=True, size=80).encode(
+        x=x, y=y, color=colour, shape=alt.Shape("model:N", scale=MODEL_SCALE, title="model"),
+        tooltip=tooltip,
+    ).transform_filter(alt.datum.method != "non_dp")
+    rules = alt.Chart(data).mark_rule(strokeDash=[6, 4]).encode(
+        y="mia_auc:Q", color=colour, tooltip=tooltip,
+    ).transform_filter(alt.datum.method == "non_dp")
+    chance = alt.Chart(data).mark_rule(color="#999999").encode(y=alt.datum(0.5))
+    return alt.layer(chance, rules, points, data=data).properties(
+        width=WIDTH, height=HEIGHT,
+        title=alt.Title("Empirical privacy: loss-threshold attack", subtitle=subtitle))
+
+
 def curves_chart(history: pd.DataFrame, columns: list[str], title: str,
                  log_y: bool = False) -> alt.LayerChart:
     """Per-epoch series of several runs overlaid: colour per run, dash per series.

@@ -20,7 +20,10 @@ from . import plots
 from .config import RunConfig
 from .store import RunStore
 
-CONFIG_COLUMNS = [f.name for f in dataclasses.fields(RunConfig) if f.name != "seed"]
+#: What makes runs seeds of one configuration: the run config minus seed, with the data
+#: identified by content (fingerprint), not by how its path was spelled on the command line.
+CONFIG_COLUMNS = [*(f.name for f in dataclasses.fields(RunConfig) if f.name not in ("seed", "data")),
+                  "data_fingerprint"]
 #: Headline metrics: seed mean under the metric's own name, spread under the second.
 SPREAD = {"val_dice_fg_mean": "val_dice_fg_std", "val_dice_all_mean": "val_dice_all_std",
           "mia_auc": "mia_auc_std"}
@@ -30,7 +33,7 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
 #: Columns of the readable table, in order; each shown only where configurations differ
 #: in it (model and method always).
 TABLE_KEYS = ["model", "method", "noise_multiplier", "target_epsilon", "max_grad_norm",
-              "pretrained", "data_kind"]
+              "pretrained", "audit_holdout", "data_kind"]
 
 
 def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -50,7 +53,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """
     if runs.empty:
         return pd.DataFrame(columns=list(dict.fromkeys(
-            [*SUMMARY_FIRST, *CONFIG_COLUMNS, "pretraining", "data_kind", "seeds", "run_ids"])))
+            [*SUMMARY_FIRST, *CONFIG_COLUMNS, "data", "pretraining", "data_kind", "seeds",
+             "run_ids"])))
     runs = runs.copy()
     for col in (*SPREAD, "epsilon"):
         runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else np.nan
@@ -65,6 +69,9 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     summary["seeds"] = grouped["seed"].agg(lambda s: " ".join(map(str, sorted(s))))
     summary["run_ids"] = grouped["run_id"].agg(" ".join)
     summary["data_kind"] = grouped["data_kind"].first()
+    summary["data"] = grouped["data"].first()
+    summary["mia_same_subjects"] = (grouped["mia_same_subjects"].first()
+                                    if "mia_same_subjects" in runs else None)
     summary = summary.reset_index()
     pretrain_ids = set(runs["init_from"].dropna())
     summary["pretraining"] = summary["run_ids"].map(
@@ -137,29 +144,6 @@ def curves_chart(history: pd.DataFrame) -> alt.FacetChart:
     ).resolve_scale(y="independent").properties(title="Training curves (mean over seeds)")
 
 
-def audit_chart(summary: pd.DataFrame) -> alt.LayerChart:
-    """Membership-inference AUC against ε: DP configurations as points, non-private ones
-    as dashed rules (ε = ∞), chance (0.5) as a grey rule."""
-    data = summary.loc[summary["mia_auc"].notna(),
-                       ["config", "model", "method", "noise_multiplier", "epsilon",
-                        "n_seeds", "mia_auc", "mia_auc_std"]]
-    data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)]
-    x = alt.X("epsilon:Q", title="ε (log scale)", scale=alt.Scale(type="log"))
-    y = alt.Y("mia_auc:Q", title="membership-inference AUC", scale=alt.Scale(zero=False))
-    tooltip = list(data.columns)
-    base = alt.Chart(data)
-    points = base.mark_point(filled=True, size=80).encode(
-        x=x, y=y, color=alt.Color("method:N", scale=plots.METHOD_SCALE),
-        shape=alt.Shape("model:N", scale=plots.MODEL_SCALE), tooltip=tooltip,
-    ).transform_filter(alt.datum.method != "non_dp")
-    rules = base.mark_rule(strokeDash=[6, 4]).encode(
-        y="mia_auc:Q", color=alt.Color("method:N", scale=plots.METHOD_SCALE), tooltip=tooltip,
-    ).transform_filter(alt.datum.method == "non_dp")
-    chance = base.mark_rule(color="#999999").encode(y=alt.datum(0.5))
-    return alt.layer(chance, rules, points, data=data).properties(
-        width=plots.WIDTH, height=plots.HEIGHT, title="Empirical privacy: loss-threshold attack")
-
-
 def figures(store: RunStore, runs: pd.DataFrame,
             summary: pd.DataFrame) -> dict[str, alt.TopLevelMixin]:
     """The report's charts by file stem; a chart without data is left out."""
@@ -176,7 +160,7 @@ def figures(store: RunStore, runs: pd.DataFrame,
     if len(by_sigma):
         charts["dice_vs_sigma"] = plots.noise_chart(by_sigma)
     if studied["mia_auc"].notna().any():
-        charts["audit_auc"] = audit_chart(studied)
+        charts["audit_auc"] = plots.audit_chart(studied)
     return charts
 
 

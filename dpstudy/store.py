@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .config import HASH_NEUTRAL_DEFAULTS
 from .errors import StoreError
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
@@ -188,14 +189,16 @@ class RunStore:
             except StoreError as exc:
                 rows.append({"run_id": run_id, "status": "broken", "error": str(exc)})
                 continue
-            row = {"run_id": run_id, **meta["config"]}
+            row = {"run_id": run_id, **HASH_NEUTRAL_DEFAULTS, **meta["config"]}
             for key in ("status", "error", "created", "updated", "duration_s", "sample_rate",
                         "noise_multiplier", "delta", "steps", "epsilon", "n_params",
                         "epochs_done"):
                 row[key] = meta.get(key)
             row["data_kind"] = (meta.get("data") or {}).get("kind")
             row["data_fingerprint"] = (meta.get("data") or {}).get("fingerprint")
-            row["mia_auc"] = (meta.get("audit") or {}).get("auc")
+            audit = meta.get("audit") or {}
+            row["mia_auc"] = audit.get("auc")
+            row["mia_same_subjects"] = audit.get("same_subjects")
             if len(hist):
                 last = hist.iloc[-1]
                 for col in hist.columns:

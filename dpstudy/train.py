@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .config import RunConfig
 from .data.dataset import SegmentationDataset
+from .data.holdout import split_holdout
 from .data.source import load_data
 from .data.transforms import augment, normalisation_stats
 from .errors import Cancelled, ConfigError, DataError
@@ -148,7 +149,8 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     if "train" not in bundle.splits:
         raise DataError(f"{bundle.spec}: no train split; training needs train/images and "
                         f"train/masks")
-    train_samples, val_samples = bundle.splits["train"], bundle.splits.get("val", [])
+    train_samples, held_out = split_holdout(bundle.splits["train"], cfg.audit_holdout)
+    val_samples = bundle.splits.get("val", [])
     _check_against_data(cfg, len(train_samples))
     log(f"data: {bundle.describe()}")
 
@@ -174,7 +176,8 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         "config": cfg.to_dict(),
         "data": {"spec": bundle.spec, "kind": bundle.kind, "root": bundle.root,
                  "fingerprint": bundle.fingerprint, "description": bundle.describe(),
-                 "n_train": len(train_samples), "n_val": len(val_samples)},
+                 "n_train": len(train_samples), "n_val": len(val_samples),
+                 "n_audit_holdout": len(held_out)},
         "normalisation": {"mean": mean, "std": std},
         "private": method.private, "sample_rate": method.sample_rate,
         "noise_multiplier": method.noise_multiplier,

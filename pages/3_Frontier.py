@@ -21,3 +21,8 @@ chart_block(plots.frontier_chart(done, metric), "frontier")
 chart_block(plots.noise_chart(done, metric), "utility_vs_sigma")
 private_ids = done.loc[done["method"] != "non_dp", "run_id"]
 chart_block(plots.epsilon_epochs_chart(histories(private_ids)), "epsilon_vs_epochs")
+if done["mia_auc"].notna().any():
+    st.caption("Membership-inference audit (`dpstudy audit`): the AUC of a loss-threshold "
+               "attack, members against held-out images; 0.5 is chance. ε bounds what any "
+               "attacker learns, the audit measures what this one does.")
+    chart_block(plots.audit_chart(done), "audit_auc")

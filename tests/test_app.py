@@ -182,6 +182,22 @@ def test_frontier_contains_every_dp_run(run_store, app_for):
     assert "val_dice_fluid" in at.get("vega_lite_chart")[0].proto.spec
 
 
+def test_audited_runs_show_their_attack_auc_next_to_epsilon(run_store, tmp_path, app_for):
+    from dpstudy.audit import audit_run
+    root = tmp_path / "runs"
+    shutil.copytree(run_store, root)
+    dp = run_ids(root, "dp_sgd")
+    audited = {run_id: audit_run(root, run_id, n_boot=20)["auc"] for run_id in dp}
+    at = run_page(app_for(root), FRONTIER)
+    audit = chart_data(at.get("vega_lite_chart")[3]).set_index("run_id")
+    assert audit["mia_auc"].to_dict() == audited and (audit["epsilon"] > 0).all()
+    assert "loss-threshold attack" in at.get("vega_lite_chart")[3].proto.spec
+    at = run_page(app_for(root), MAIN)
+    table = at.dataframe[0].value.set_index("run_id")
+    assert table.loc[dp, "mia_auc"].to_dict() == audited
+    assert table["mia_auc"].isna().sum() == len(table) - len(dp)
+
+
 def test_curves_overlay_runs(run_store, app_for):
     at = run_page(app_for(run_store), CURVES)
     charts = at.get("vega_lite_chart")

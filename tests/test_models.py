@@ -3,11 +3,13 @@
 import pytest
 import torch
 from opacus import GradSampleModule
+from opacus.grad_sample.conv import compute_conv_grad_sample
 from opacus.validators import ModuleValidator
 from torch import nn
 
 from dpstudy.errors import ConfigError
 from dpstudy.losses import SegmentationLoss
+from dpstudy.privacy.conv_grad_sample import conv2d_grad_sample, use_native_conv_grad_sample
 from dpstudy.models import (
     MODELS, NestedUNet, UNet, build_model, check_image_size, count_parameters, size_divisor,
 )
@@ -47,7 +49,8 @@ def test_opacus_compatible_modules_only(model):
     [lambda: UNet(base_width=4, depth=2), lambda: NestedUNet(base_width=4, depth=2, deep_supervision=True)],
     ids=["unet", "nested_unet"],
 )
-def test_opacus_per_sample_gradients_match_single_sample_backward(model_fn):
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "native_conv"])
+def test_per_sample_gradients_match_single_sample_backward(model_fn, mode):
     torch.manual_seed(0)
     model = model_fn()
     x = torch.randn(3, 1, 16, 16)
@@ -60,11 +63,41 @@ def test_opacus_per_sample_gradients_match_single_sample_backward(model_fn):
         expected.append([p.grad.clone() for p in model.parameters()])
     model.zero_grad()
 
-    gsm = GradSampleModule(model)  # hooks mode, loss_reduction="mean"
+    gsm = GradSampleModule(model, force_functorch=mode == "functorch")  # loss_reduction="mean"
+    if mode == "native_conv":
+        use_native_conv_grad_sample(gsm)
     loss_fn(gsm(x), y).backward()
     for k, p in enumerate(model.parameters()):
         for i in range(3):
             torch.testing.assert_close(p.grad_sample[i], expected[i][k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding=1),
+    dict(in_channels=4, out_channels=6, kernel_size=(3, 5), stride=2, padding=(0, 2), bias=False),
+    dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding=2, groups=2),
+    dict(in_channels=4, out_channels=6, kernel_size=1),
+    dict(in_channels=4, out_channels=6, kernel_size=3, padding="same"),    # Opacus's path
+])
+def test_native_conv_grad_sample_equals_opacus_unfold(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs)
+    x = torch.randn(5, 4, 13, 11)
+    backprops = torch.randn_like(conv(x))
+    ours, ref = conv2d_grad_sample(conv, [x], backprops), compute_conv_grad_sample(conv, [x], backprops)
+    assert ours.keys() == ref.keys()
+    for p in ref:
+        assert ours[p].shape == (5, *p.shape)
+        torch.testing.assert_close(ours[p], ref[p], atol=1e-4, rtol=1e-4)
+
+
+def test_native_conv_sampler_is_per_model_not_global():
+    gsm = GradSampleModule(UNet(base_width=4, depth=2))
+    use_native_conv_grad_sample(gsm)
+    assert gsm.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_sample
+    assert GradSampleModule.GRAD_SAMPLERS[nn.Conv2d] is compute_conv_grad_sample
+    assert GradSampleModule(UNet(base_width=4, depth=2)).GRAD_SAMPLERS[nn.Conv2d] is (
+        compute_conv_grad_sample)
 
 
 def test_parameter_count_by_hand():

@@ -4,13 +4,15 @@ import struct
 
 import pandas as pd
 import pytest
-from _runs import main
+from _runs import TINY, main, make_duke
 
 from dpstudy.audit import audit_run
+from dpstudy.config import RunConfig
 from dpstudy.errors import ConfigError
-from dpstudy.report import write_report
+from dpstudy.report import summarise, write_report
 from dpstudy.store import RunStore, RunWriter
 from dpstudy.sweep import load_profile, run_sweep
+from dpstudy.train import train
 
 PROFILE = """
 [base]
@@ -133,3 +135,18 @@ def test_report_of_an_empty_store(tmp_path):
     paths = write_report(tmp_path / "none", tmp_path / "out")
     assert not any(p.suffix == ".png" for p in paths)
     assert "model" in (tmp_path / "out" / "summary.csv").read_text()
+
+
+def test_seeds_are_grouped_by_data_content_not_by_path_spelling(tmp_path, monkeypatch):
+    data = make_duke(tmp_path / "duke")
+    monkeypatch.chdir(tmp_path)
+    fields = {**TINY, "limit": None}
+    for seed, spelling in ((0, str(data)), (1, "duke"), (2, "./duke/")):
+        train(RunConfig(**{**fields, "data": spelling, "seed": seed}), tmp_path / "runs",
+              progress=False, log=lambda *_: None)
+    summary = summarise(RunStore(tmp_path / "runs").list_runs())
+    assert len(summary) == 1 and summary["n_seeds"].item() == 3
+    other = make_duke(tmp_path / "other", n_train=5)
+    train(RunConfig(**{**fields, "data": str(other)}), tmp_path / "runs", progress=False,
+          log=lambda *_: None)
+    assert len(summarise(RunStore(tmp_path / "runs").list_runs())) == 2
