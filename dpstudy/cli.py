@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, GRAD_SAMPLE_MODES,
                      LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, RunConfig)
-from .errors import Cancelled, DPStudyError
+from .errors import Cancelled, ConfigError, DPStudyError
 from .store import default_runs_dir
 
 #: CLI option -> RunConfig field, for the options ``train`` and ``sweep`` share.
@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="summary tables and figures of a run store")
     p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
     p.add_argument("--out", type=Path, default=Path("results"))
+    p.add_argument("--profile", help="report only this profile's runs (and list those not "
+                                     "yet completed); give the --data the sweep was given")
+    p.add_argument("--data", default=None)
 
     p = sub.add_parser("prepare-duke", help="convert Subject_XX.mat files to the .npy layout")
     p.add_argument("src", type=Path)
@@ -241,8 +244,17 @@ def cmd_audit(args) -> None:
 
 
 def cmd_report(args) -> None:
+    from .data.source import resolve_data_spec
     from .report import write_report
-    for path in write_report(args.runs_dir, args.out):
+    from .sweep import load_profile
+    run_ids = None
+    if args.profile:
+        configs, _ = load_profile(args.profile, {"data": resolve_data_spec(args.data)})
+        run_ids = [c.run_id() for c in configs]
+    elif args.data:
+        raise ConfigError("report: --data only says which runs a --profile means; "
+                          "give --profile too")
+    for path in write_report(args.runs_dir, args.out, run_ids):
         print(path)
 
 

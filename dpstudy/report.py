@@ -164,13 +164,25 @@ def figures(store: RunStore, runs: pd.DataFrame,
     return charts
 
 
-def write_report(runs_dir, out) -> list[Path]:
+def select_runs(runs: pd.DataFrame, run_ids: list[str]) -> pd.DataFrame:
+    """The rows of ``run_ids`` (e.g. one profile's runs), plus a ``not started`` row for
+    every id the store does not have, so a report says what is missing."""
+    have = set(runs["run_id"]) if "run_id" in runs else set()
+    missing = [{"run_id": r, "status": "not started", "error": ""} for r in run_ids
+               if r not in have]
+    chosen = runs[runs["run_id"].isin(run_ids)] if have else runs
+    return pd.concat([chosen, pd.DataFrame(missing)], ignore_index=True) if missing else chosen
+
+
+def write_report(runs_dir, out, run_ids: list[str] | None = None) -> list[Path]:
     """Write summary.csv, table.csv/.md, figures (PNG + the CSV behind each) and
-    report.md into ``out``; returns the files written."""
+    report.md into ``out`` for every run of the store, or only ``run_ids``; returns the
+    files written."""
     store = RunStore(runs_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs, excluded = completed_runs(store.list_runs())
+    table = store.list_runs()
+    runs, excluded = completed_runs(table if run_ids is None else select_runs(table, run_ids))
     summary = summarise(runs)
     table = readable_table(summary)
     written = {"summary.csv": summary.to_csv(index=False), "table.csv": table.to_csv(index=False),

@@ -150,3 +150,21 @@ def test_seeds_are_grouped_by_data_content_not_by_path_spelling(tmp_path, monkey
     train(RunConfig(**{**fields, "data": str(other)}), tmp_path / "runs", progress=False,
           log=lambda *_: None)
     assert len(summarise(RunStore(tmp_path / "runs").list_runs())) == 2
+
+
+def test_report_of_one_profile_lists_its_runs_and_those_not_started(study, tmp_path, capsys):
+    root, configs, _ = study
+    profile = tmp_path / "part.toml"
+    profile.write_text(PROFILE.split("[[grid]]")[0] + "[[grid]]" + PROFILE.split("[[grid]]")[1]
+                       .replace("seed = [0, 1]", "seed = [0, 1, 7]"))
+    rc, _, err = main(capsys, "report", str(root), "--out", str(tmp_path / "out"),
+                      "--profile", str(profile), "--data", "synthetic")
+    assert rc == 0, err
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    reported = set(" ".join(summary["run_ids"]).split())
+    dp = [c.run_id() for c in configs if c.method == "dp_sgd"]
+    assert reported == {configs[0].run_id(), *dp}          # pretraining + the 2 trained seeds
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "not started" in report and "unet-failed-run" not in report
+    rc, _, err = main(capsys, "report", str(root), "--data", "synthetic")
+    assert rc == 2 and "--profile" in err
