@@ -87,11 +87,19 @@ def _points(data: pd.DataFrame, x: alt.X, y: str, label: str) -> alt.Chart:
         tooltip=_tooltip(data, (y, *CONFIG_FIELDS)))
 
 
-def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> alt.LayerChart:
+def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
+                   spread: str | None = None) -> alt.LayerChart:
     """ε (log) against utility: DP runs as points, each method's Pareto front as a line,
-    non-private runs as horizontal rules (their ε is infinite, not missing)."""
+    non-private runs as horizontal rules (their ε is infinite, not missing). With
+    ``spread`` (a column of per-row spreads, e.g. the seed std of a report's summary),
+    each point gets a ± bar."""
     data = _run_fields(runs, metric)
     data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)].copy()
+    bars = []
+    if spread is not None and spread in runs:
+        sd = pd.to_numeric(runs.loc[data.index, spread], errors="coerce")
+        data[spread] = sd
+        data["lower"], data["upper"] = data[metric] - sd, data[metric] + sd
     data["on_front"] = False
     for _, group in data[data["method"] != "non_dp"].groupby("method"):
         data.loc[pareto_front(group, "epsilon", metric).index, "on_front"] = True
@@ -105,7 +113,11 @@ def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> alt.
     rules = alt.Chart(data).mark_rule(strokeDash=[6, 4], strokeWidth=1.5).encode(
         y=f"{metric}:Q", color=colour, tooltip=_tooltip(data, (metric, *CONFIG_FIELDS)),
     ).transform_filter(alt.datum.method == "non_dp")
-    return alt.layer(rules, front, points, data=data).properties(
+    if "lower" in data:
+        bars = [alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
+            x=x, y="lower:Q", y2="upper:Q", color=colour,
+        ).transform_filter((alt.datum.method != "non_dp") & alt.expr.isValid(alt.datum.lower))]
+    return alt.layer(rules, front, *bars, points, data=data).properties(
         width=WIDTH, height=HEIGHT, title=f"Privacy–utility frontier: {label}")
 
 

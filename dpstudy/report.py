@@ -151,8 +151,8 @@ def figures(store: RunStore, runs: pd.DataFrame,
         return {}
     studied = summary[~summary["pretraining"]]
     per_run = runs[runs["run_id"].isin(" ".join(studied["run_ids"]).split())]
-    charts = {f"frontier_{model}": plots.frontier_chart(rows).properties(
-        title=f"Privacy–utility frontier, {model} (mean over seeds)")
+    charts = {f"frontier_{model}": plots.frontier_chart(rows, spread="val_dice_fg_std")
+              .properties(title=f"Privacy–utility frontier, {model} (mean ± sd over seeds)")
         for model, rows in studied.groupby("model")}
     if len(studied):
         charts["curves"] = curves_chart(stacked_history(store, studied))

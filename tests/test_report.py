@@ -129,6 +129,11 @@ def test_report_writes_tables_figures_and_lists_the_excluded_runs(study, tmp_pat
     assert "unet-failed-run" in report and "boom" in report and "broken-run" in report
     curves = pd.read_csv(tmp_path / "curves.csv")
     assert set(curves["epoch"]) == {1, 2}
+    frontier = pd.read_csv(tmp_path / "frontier_unet.csv").set_index("method")
+    two_seeds = frontier.loc["dp_sgd"]          # the only configuration with 2 seeds
+    assert two_seeds["upper"] - two_seeds["lower"] == pytest.approx(
+        2 * two_seeds["val_dice_fg_std"]) and two_seeds["val_dice_fg_std"] > 0
+    assert frontier.loc["auto_clip", ["lower", "upper"]].isna().all()   # one seed: no bar
 
 
 def test_report_of_an_empty_store(tmp_path):
