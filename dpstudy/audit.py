@@ -23,13 +23,15 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from .config import RunConfig
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
 from .evaluate import load_trained, stored_dataset
-from .store import CONFIG, RunLock, RunStore, atomic_write_json
+from .models import build_model
+from .store import CONFIG, RunLock, RunStore, atomic_write_json, load_weights
 
 FPRS = (0.1, 0.01)
 N_BOOTSTRAP = 1000
@@ -142,17 +144,36 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
                         f"no test or val split for non-members (has {sorted(bundle.splits)})")
     nonmembers = held_out or bundle.splits[nonmember_split]
 
-    def losses(samples):
-        return sample_losses(model, stored_dataset(samples, cfg, meta), cfg.dice_weight)
+    def losses(net, samples):
+        return sample_losses(net, stored_dataset(samples, cfg, meta), cfg.dice_weight)
 
+    start, reference = _starting_model(store, cfg)
     result = {"attack": "loss-threshold", "member_split": "train",
               "nonmember_split": nonmember_split,
               # the phantom's splits are one distribution; Duke's are different patients
               "same_subjects": bool(held_out) or bundle.kind != "duke",
-              **attack_statistics(losses(members), losses(nonmembers), n_boot, seed),
+              **attack_statistics(losses(model, members), losses(model, nonmembers),
+                                  n_boot, seed),
+              # the same attack on the weights training started from: what the split
+              # itself gives away before the run saw any member (the AUC to beat)
+              "reference": reference,
+              "reference_auc": roc_auc(*(-x for x in balance(
+                  losses(start, members), losses(start, nonmembers), seed))),
               "created": time.time()}
     _store_audit(store, run_id, result)
     return result
+
+
+def _starting_model(store: RunStore, cfg: RunConfig) -> tuple[torch.nn.Module, str]:
+    """The weights the run started from: its ``init_from`` checkpoint, or a fresh model
+    initialised with its seed."""
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg.model, cfg.base_width, cfg.depth)
+    if cfg.init_from:
+        load_weights(store, cfg.init_from, model)
+        return model, f"run {cfg.init_from}"
+    return model, f"random initialisation (seed {cfg.seed})"
 
 
 def runs_to_audit(runs_dir, redo: bool = False) -> list[str]:

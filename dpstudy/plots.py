@@ -153,7 +153,8 @@ def audit_chart(runs: pd.DataFrame) -> alt.LayerChart:
         subtitle = "non-members: other patients, so the AUC mixes leakage with patient shift"
     data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)]
     data = data[[c for c in dict.fromkeys(("config", *CONFIG_FIELDS, "n_seeds", "mia_auc",
-                                           "mia_auc_std", "mia_same_subjects"))
+                                           "mia_auc_std", "mia_reference_auc",
+                                           "mia_same_subjects"))
                  if c in data.columns]]
     x = alt.X("epsilon:Q", title="ε (log scale)", scale=alt.Scale(type="log"))
     y = alt.Y("mia_auc:Q", title="membership-inference AUC", scale=alt.Scale(zero=False))

@@ -33,7 +33,7 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
 #: Columns of the readable table, in order; each shown only where configurations differ
 #: in it (model and method always).
 TABLE_KEYS = ["model", "method", "noise_multiplier", "target_epsilon", "max_grad_norm",
-              "pretrained", "audit_holdout", "data_kind"]
+              "pretrained", "epochs", "audit_holdout", "data_kind"]
 
 
 def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -56,11 +56,11 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             [*SUMMARY_FIRST, *CONFIG_COLUMNS, "data", "pretraining", "data_kind", "seeds",
              "run_ids"])))
     runs = runs.copy()
-    for col in (*SPREAD, "epsilon"):
+    for col in (*SPREAD, "epsilon", "mia_reference_auc"):
         runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else np.nan
     keys = [c for c in CONFIG_COLUMNS if c in runs]
     metrics = [c for c in runs if c.startswith(("val_", "train_"))
-               or c in ("epsilon", "mia_auc", "duration_s")]
+               or c in ("epsilon", "mia_auc", "mia_reference_auc", "duration_s")]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     summary = grouped[metrics].mean()
     for metric, spread in SPREAD.items():
@@ -106,6 +106,9 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     for title, metric in (("Dice (fg)", "val_dice_fg_mean"), ("Dice (all)", "val_dice_all_mean"),
                           ("MIA AUC", "mia_auc")):
         table[title] = [_mean_spread(m, sd) for m, sd in zip(s[metric], s[SPREAD[metric]])]
+    if s.get("mia_reference_auc", pd.Series(dtype=float)).notna().any():
+        table["MIA AUC at start"] = s["mia_reference_auc"].map(
+            lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return table if table["role"].any() else table.drop(columns="role")
 
 

@@ -199,6 +199,7 @@ class RunStore:
             audit = meta.get("audit") or {}
             row["mia_auc"] = audit.get("auc")
             row["mia_same_subjects"] = audit.get("same_subjects")
+            row["mia_reference_auc"] = audit.get("reference_auc")
             if len(hist):
                 last = hist.iloc[-1]
                 for col in hist.columns:

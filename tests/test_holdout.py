@@ -73,6 +73,9 @@ def test_run_trains_on_members_only_and_audits_against_its_holdout(tmp_path):
     result = audit_run(tmp_path, cfg.run_id(), n_boot=50)
     assert result["nonmember_split"] == "train hold-out" and result["same_subjects"] is True
     assert result["n_members"] == result["n_nonmembers"] == 6
+    assert result["reference"] == "random initialisation (seed 0)"
+    assert 0 <= result["reference_auc"] <= 1
+    assert audit_run(tmp_path, cfg.run_id(), n_boot=10)["reference_auc"] == result["reference_auc"]
     plain = RunConfig(method="dp_sgd", noise_multiplier=1.0, **TINY)
     train(plain, tmp_path, progress=False, log=lambda *_: None)
     assert audit_run(tmp_path, plain.run_id(), n_boot=50)["nonmember_split"] == "test"

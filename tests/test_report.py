@@ -2,6 +2,7 @@
 
 import struct
 
+import numpy as np
 import pandas as pd
 import pytest
 from _runs import TINY, main, make_duke
@@ -111,6 +112,10 @@ def test_summary_has_one_row_per_configuration_with_seed_statistics(study, tmp_p
     pre = summary[summary["pretraining"]]
     assert pre["run_ids"].tolist() == [configs[0].run_id()]
     assert summary["mia_auc"].notna().sum() == 1
+    meta = RunStore(root).read_meta(dp[0])["audit"]
+    assert meta["reference"] == f"run {configs[0].run_id()}"     # the pretraining weights
+    assert row["mia_reference_auc"] == pytest.approx(np.mean(
+        [RunStore(root).read_meta(r)["audit"]["reference_auc"] for r in dp]))
 
 
 def test_report_writes_tables_figures_and_lists_the_excluded_runs(study, tmp_path, capsys):
