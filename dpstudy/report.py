@@ -33,7 +33,8 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
 #: Columns of the readable table, in order; each shown only where configurations differ
 #: in it (model and method always).
 TABLE_KEYS = ["model", "method", "noise_multiplier", "target_epsilon", "max_grad_norm",
-              "pretrained", "epochs", "audit_holdout", "data_kind"]
+              "pretrained", "epochs", "batch_size", "lr_schedule", "augment",
+              "aug_multiplicity", "audit_holdout", "data_kind"]
 
 
 def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
