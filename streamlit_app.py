@@ -21,7 +21,6 @@ outside, and the app makes no network requests.
 import pandas as pd
 import streamlit as st
 
-from dpstudy.errors import StoreError
 from dpstudy.ui import no_runs, page_config, runs, store
 
 STATUS_ORDER = ("running", "completed", "failed", "cancelled", "interrupted", "broken")
@@ -59,18 +58,10 @@ def _filtered(df: pd.DataFrame) -> pd.DataFrame:
 def _data_sources(df: pd.DataFrame) -> pd.DataFrame:
     """One row per distinct data set (fingerprint): results on different data never mix."""
     groups = (df[df["data_fingerprint"].notna()]
-              .groupby(["data_kind", "data_fingerprint"])["run_id"].agg(["size", "first"])
+              .groupby(["data_kind", "data_fingerprint"])
+              .agg(runs=("run_id", "size"), description=("data_description", "first"))
               .reset_index())
-    groups["description"] = [_describe(run_id) for run_id in groups["first"]]
-    return groups.rename(columns={"data_kind": "data", "data_fingerprint": "fingerprint",
-                                  "size": "runs"}).drop(columns="first")
-
-
-def _describe(run_id: str) -> str:
-    try:
-        return (store().read_meta(run_id).get("data") or {}).get("description", "")
-    except StoreError as exc:
-        return str(exc)
+    return groups.rename(columns={"data_kind": "data", "data_fingerprint": "fingerprint"})
 
 
 page_config()

@@ -23,15 +23,13 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from .config import RunConfig
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
-from .evaluate import load_trained, stored_dataset
-from .models import build_model
-from .store import CONFIG, RunLock, RunStore, atomic_write_json, load_weights
+from .evaluate import load_trained, starting_model, stored_dataset
+from .store import CONFIG, RunLock, RunStore, atomic_write_json
 
 FPRS = (0.1, 0.01)
 N_BOOTSTRAP = 1000
@@ -88,11 +86,17 @@ def balance(members, nonmembers, seed: int = SEED):
     return pick(members), pick(nonmembers)
 
 
+def attack_scores(member_losses, nonmember_losses, seed: int = SEED):
+    """The loss-threshold attack's scores on balanced sets: −loss (members fit better)."""
+    m_loss, n_loss = balance(member_losses, nonmember_losses, seed)
+    return -m_loss, -n_loss
+
+
 def attack_statistics(member_losses, nonmember_losses, n_boot: int = N_BOOTSTRAP,
                       seed: int = SEED) -> dict:
-    """The loss-threshold attack on balanced sets: score = −loss (members fit better)."""
-    m_loss, n_loss = balance(member_losses, nonmember_losses, seed)
-    m, n = -m_loss, -n_loss
+    """AUC and TPR at low FPR of the attack, with bootstrap intervals."""
+    m, n = attack_scores(member_losses, nonmember_losses, seed)
+    m_loss, n_loss = -m, -n
     out = {"auc": roc_auc(m, n), "auc_ci": list(bootstrap_ci(m, n, roc_auc, n_boot, seed=seed)),
            "tpr_at_fpr": {}, "tpr_at_fpr_ci": {},
            "n_members": len(m), "n_nonmembers": len(n),
@@ -124,10 +128,11 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     test split if present, else val — other patients, which ``same_subjects`` flags.
     """
     store = RunStore(runs_dir)
-    status = store.read_meta(run_id).get("status")
-    if status != "completed":
-        raise StoreError(f"run {run_id} is {status}; only completed runs are audited")
-    meta, cfg, model = load_trained(store, run_id)
+    meta = store.read_meta(run_id)
+    if meta.get("status") != "completed":
+        raise StoreError(f"run {run_id} is {meta.get('status')}; only completed runs are "
+                         f"audited")
+    meta, cfg, model = load_trained(store, run_id, meta)
     bundle = load_data(meta["data"]["spec"], cfg.limit)
     if bundle.fingerprint != meta["data"]["fingerprint"]:
         raise DataError(f"{bundle.spec}: data fingerprint {bundle.fingerprint} differs from the "
@@ -147,7 +152,11 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     def losses(net, samples):
         return sample_losses(net, stored_dataset(samples, cfg, meta), cfg.dice_weight)
 
-    start, reference = _starting_model(store, cfg)
+    with torch.random.fork_rng():    # the fresh weights of a run seeded like this one
+        torch.manual_seed(cfg.seed)
+        start = starting_model(store, cfg)
+    reference = (f"run {cfg.init_from}" if cfg.init_from
+                 else f"random initialisation (seed {cfg.seed})")
     result = {"attack": "loss-threshold", "member_split": "train",
               "nonmember_split": nonmember_split,
               # the phantom's splits are one distribution; Duke's are different patients
@@ -157,23 +166,11 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
               # the same attack on the weights training started from: what the split
               # itself gives away before the run saw any member (the AUC to beat)
               "reference": reference,
-              "reference_auc": roc_auc(*(-x for x in balance(
-                  losses(start, members), losses(start, nonmembers), seed))),
+              "reference_auc": roc_auc(*attack_scores(losses(start, members),
+                                                      losses(start, nonmembers), seed)),
               "created": time.time()}
     _store_audit(store, run_id, result)
     return result
-
-
-def _starting_model(store: RunStore, cfg: RunConfig) -> tuple[torch.nn.Module, str]:
-    """The weights the run started from: its ``init_from`` checkpoint, or a fresh model
-    initialised with its seed."""
-    with torch.random.fork_rng():
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg.model, cfg.base_width, cfg.depth)
-    if cfg.init_from:
-        load_weights(store, cfg.init_from, model)
-        return model, f"run {cfg.init_from}"
-    return model, f"random initialisation (seed {cfg.seed})"
 
 
 def runs_to_audit(runs_dir, redo: bool = False) -> list[str]:

@@ -22,5 +22,13 @@ class StoreError(DPStudyError):
     """A run-store entry is missing, corrupt or cannot be written."""
 
 
+class RunLocked(StoreError):
+    """Another process holds the run's lock (it is training it)."""
+
+
+class RunCompleted(StoreError):
+    """The run is already completed and the caller asked to keep completed runs."""
+
+
 class Cancelled(Exception):
     """SIGTERM or SIGINT stopped a run; what was done is saved with status ``cancelled``."""

@@ -37,9 +37,8 @@ def predict(model: nn.Module, dataset: SegmentationDataset, dice_weight: float =
     losses, native, work = [], [], []
     for start in range(0, len(dataset), batch_size):
         idx = range(start, min(start + batch_size, len(dataset)))
-        x = torch.stack([dataset[i][0] for i in idx])
-        y = torch.stack([dataset[i][1] for i in idx])
-        logits = net(x)
+        logits = net(dataset.x[idx.start:idx.stop])
+        y = dataset.y[idx.start:idx.stop]
         losses.append(per_sample_loss(logits, y, dice_weight))
         work.extend(logits.argmax(1).to(torch.uint8).numpy())
         for j, i in enumerate(idx):
@@ -54,7 +53,7 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, dice_weight: float 
              prefix: str = "val_") -> tuple[dict[str, float], list[np.ndarray]]:
     """``{prefix}loss``, native metrics as ``{prefix}*``, working ones as ``{prefix}work_*``."""
     loss, native, work = predict(model, dataset, dice_weight)
-    work_targets = [dataset[i][1].numpy() for i in range(len(dataset))]
+    work_targets = list(dataset.y.numpy())
     metrics = {f"{prefix}loss": loss}
     metrics.update({f"{prefix}{k}": v for k, v in
                     segmentation_metrics(native, list(dataset.native_masks)).items()})
@@ -64,9 +63,20 @@ def evaluate(model: nn.Module, dataset: SegmentationDataset, dice_weight: float 
     return metrics, native
 
 
-def load_trained(store: RunStore, run_id: str) -> tuple[dict, RunConfig, nn.Module]:
-    """A stored run's metadata, config and final model, ready to score any images."""
-    meta = store.read_meta(run_id)
+def starting_model(store: RunStore, cfg: RunConfig) -> nn.Module:
+    """The network a run of ``cfg`` starts from: fresh (from the global torch RNG), or
+    with the weights of its ``init_from`` run."""
+    model = build_model(cfg.model, cfg.base_width, cfg.depth)
+    if cfg.init_from:
+        load_weights(store, cfg.init_from, model)
+    return model
+
+
+def load_trained(store: RunStore, run_id: str, meta: dict | None = None
+                 ) -> tuple[dict, RunConfig, nn.Module]:
+    """A stored run's metadata (``meta`` if already read), config and final model, ready
+    to score any images."""
+    meta = store.read_meta(run_id) if meta is None else meta
     cfg = RunConfig.from_dict(meta["config"], where=str(store.path(run_id) / "config.json"))
     model = build_model(cfg.model, cfg.base_width, cfg.depth)
     load_weights(store, run_id, model)

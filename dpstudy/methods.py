@@ -26,11 +26,6 @@ warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-#: Our grad-sample modes that run on one of Opacus's: ``native_conv`` is ``hooks`` with
-#: :mod:`dpstudy.privacy.conv_grad_sample` for convolutions.
-OPACUS_MODE = {"native_conv": "hooks"}
-
-
 class NonPrivate:
     """Ordinary training: the reference point of every comparison."""
 
@@ -89,14 +84,14 @@ class Private(NonPrivate):
                 cfg.accountant)
         else:
             self.noise_multiplier = cfg.noise_multiplier
+        native = cfg.grad_sample_mode == "native_conv"
         self.engine = _StudyPrivacyEngine(self._optimizer_kwargs(model), cfg.accountant)
         model, optimizer, loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode=OPACUS_MODE.get(cfg.grad_sample_mode,
-                                                                     cfg.grad_sample_mode),
+            poisson_sampling=True, grad_sample_mode="hooks" if native else cfg.grad_sample_mode,
             noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
-        if cfg.grad_sample_mode == "native_conv":
+        if native:   # Opacus's hooks, with dpstudy's convolution sampler
             use_native_conv_grad_sample(model)
         self.optimizer = optimizer
         return model, optimizer, loader

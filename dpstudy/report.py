@@ -54,8 +54,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     """
     if runs.empty:
         return pd.DataFrame(columns=list(dict.fromkeys(
-            [*SUMMARY_FIRST, *CONFIG_COLUMNS, "data", "pretraining", "data_kind", "seeds",
-             "run_ids"])))
+            [*SUMMARY_FIRST, *CONFIG_COLUMNS, "data", "pretraining", "data_kind",
+             "mia_reference_auc", "mia_same_subjects", "seeds", "run_ids"])))
     runs = runs.copy()
     for col in (*SPREAD, "epsilon", "mia_reference_auc"):
         runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else np.nan
@@ -107,7 +107,7 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     for title, metric in (("Dice (fg)", "val_dice_fg_mean"), ("Dice (all)", "val_dice_all_mean"),
                           ("MIA AUC", "mia_auc")):
         table[title] = [_mean_spread(m, sd) for m, sd in zip(s[metric], s[SPREAD[metric]])]
-    if s.get("mia_reference_auc", pd.Series(dtype=float)).notna().any():
+    if s["mia_reference_auc"].notna().any():
         table["MIA AUC at start"] = s["mia_reference_auc"].map(
             lambda v: "" if pd.isna(v) else f"{v:.3f}")
     return table if table["role"].any() else table.drop(columns="role")
@@ -185,8 +185,8 @@ def write_report(runs_dir, out, run_ids: list[str] | None = None) -> list[Path]:
     store = RunStore(runs_dir)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = store.list_runs()
-    runs, excluded = completed_runs(table if run_ids is None else select_runs(table, run_ids))
+    listed = store.list_runs()
+    runs, excluded = completed_runs(listed if run_ids is None else select_runs(listed, run_ids))
     summary = summarise(runs)
     table = readable_table(summary)
     written = {"summary.csv": summary.to_csv(index=False), "table.csv": table.to_csv(index=False),

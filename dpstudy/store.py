@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 
 from .config import HASH_NEUTRAL_DEFAULTS
-from .errors import StoreError
+from .errors import RunCompleted, RunLocked, StoreError
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 CONFIG, HISTORY, CHECKPOINT, PREDICTIONS, LOCK = (
@@ -116,7 +116,7 @@ class RunLock:
                     time.sleep(0.02)
                     continue
                 os.close(fd)
-                raise StoreError(
+                raise RunLocked(
                     f"run {self.path.parent.name} is being trained by another process") from None
         self.fd = fd
         return self
@@ -196,6 +196,7 @@ class RunStore:
                 row[key] = meta.get(key)
             row["data_kind"] = (meta.get("data") or {}).get("kind")
             row["data_fingerprint"] = (meta.get("data") or {}).get("fingerprint")
+            row["data_description"] = (meta.get("data") or {}).get("description")
             audit = meta.get("audit") or {}
             row["mia_auc"] = audit.get("auc")
             row["mia_same_subjects"] = audit.get("same_subjects")
@@ -224,7 +225,7 @@ class RunWriter:
         self.lock = RunLock(self.dir).acquire()
         if keep_completed and store.is_completed(run_id):  # re-checked under the lock
             self.lock.release()
-            raise StoreError(f"run {run_id} is already completed ({self.dir}); train it "
+            raise RunCompleted(f"run {run_id} is already completed ({self.dir}); train it "
                              f"again with --force, which replaces its results")
         self.meta = {**meta, "run_id": run_id, "status": "running", "error": None,
                      "pid": os.getpid(), "created": time.time()}

@@ -21,7 +21,7 @@ from pathlib import Path
 import joblib
 
 from .config import RunConfig
-from .errors import Cancelled, ConfigError, DPStudyError
+from .errors import Cancelled, ConfigError, DPStudyError, RunCompleted, RunLocked
 from .store import RunStore
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
@@ -129,12 +129,12 @@ def _train_one(cfg_dict: dict, runs_dir: str, threads: int) -> dict:
     run_id = cfg.run_id()
     try:
         train(cfg, runs_dir, progress=False, log=lambda *_: None, keep_completed=True)
+    except RunCompleted:                          # another process finished it meanwhile
+        return {"run_id": run_id, "status": "skipped (completed)"}
+    except RunLocked as exc:
+        return {"run_id": run_id, "status": "skipped (locked)", "error": str(exc)}
     except DPStudyError as exc:
-        if "is already completed" in str(exc):    # another process finished it meanwhile
-            return {"run_id": run_id, "status": "skipped (completed)"}
-        locked = "being trained by another process" in str(exc)
-        return {"run_id": run_id, "status": "skipped (locked)" if locked else "failed",
-                "error": str(exc)}
+        return {"run_id": run_id, "status": "failed", "error": str(exc)}
     except Cancelled:
         raise  # SIGTERM/SIGINT stops the whole sweep, not just the run it was training
     except Exception as exc:  # noqa: BLE001 — recorded in the run; the sweep goes on
@@ -147,9 +147,10 @@ def run_sweep(configs: list[RunConfig], runs_dir: Path | str, jobs: int = 1,
     """Train every config not yet completed, in waves (:func:`_phases`) so pretraining
     runs finish before the runs they start; ``scheduler`` sends runs to a Dask cluster."""
     store = RunStore(runs_dir)
-    todo = [c for c in configs if not store.is_completed(c.run_id())]
-    results = [{"run_id": c.run_id(), "status": "skipped (completed)"}
-               for c in configs if store.is_completed(c.run_id())]
+    done = [c.run_id() for c in configs if store.is_completed(c.run_id())]
+    completed = set(done)
+    todo = [c for c in configs if c.run_id() not in completed]
+    results = [{"run_id": run_id, "status": "skipped (completed)"} for run_id in done]
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     verbose = 10 if progress else 0
     for wave in _phases(todo):

@@ -26,11 +26,11 @@ from .data.holdout import split_holdout
 from .data.source import load_data
 from .data.transforms import augment, normalisation_stats
 from .errors import Cancelled, ConfigError, DataError
-from .evaluate import evaluate, unwrap
+from .evaluate import evaluate, starting_model, unwrap
 from .losses import per_sample_loss
 from .methods import build_method
-from .models import build_model, count_parameters
-from .store import RunStore, RunWriter, load_weights
+from .models import count_parameters
+from .store import RunStore, RunWriter
 
 
 def package_versions() -> dict[str, str]:
@@ -161,10 +161,9 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                         generator=torch.Generator().manual_seed(cfg.seed))
 
     store = RunStore(runs_dir)
-    model = build_model(cfg.model, cfg.base_width, cfg.depth)
     if cfg.init_from:
         _check_init_source(cfg, store.read_meta(cfg.init_from))
-        load_weights(store, cfg.init_from, model)
+    model = starting_model(store, cfg)
     method = build_method(cfg)
     model, optimizer, loader = method.attach(model, _optimizer(cfg, model), loader)
     total_steps = cfg.epochs * len(loader)

@@ -28,7 +28,7 @@ from dpstudy.store import (CONFIG, HISTORY, PREDICTIONS, RUN_ID_RE, RunStore,
 COLUMNS = ("run_id", "status", "error", "model", "method", "noise_multiplier",
            "max_grad_norm", "clipping", "epsilon", "val_dice_fg_mean", "val_dice_all_mean",
            "duration_s", "epochs", "epochs_done", "train_loss", "data_kind",
-           "data_fingerprint", "updated", "mia_auc", "mia_same_subjects")
+           "data_fingerprint", "data_description", "updated", "mia_auc", "mia_same_subjects")
 PNG = ("png", plots.chart_to_png, "image/png")
 SVG = ("svg", plots.chart_to_svg, "image/svg+xml")
 CSV = ("csv", plots.chart_to_csv, "text/csv")

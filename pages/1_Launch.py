@@ -30,8 +30,8 @@ def _numbers(text: str, kind, name: str) -> list:
     return values
 
 
-def _shared_fields() -> dict:
-    """Form fields every run of a launch shares, as RunConfig fields."""
+def _shared_fields() -> None:
+    """Form fields every run of a launch shares (read back from session state by key)."""
     st.number_input("clipping threshold C", 0.001, value=DEFAULT.max_grad_norm, key="C",
                     help="per-sample bound (dp_sgd); auto_clip only rescales by it")
     st.selectbox("clipping style", CLIPPING_STYLES, key="clipping")

@@ -23,7 +23,7 @@ HOLDOUT_SEED = 1234
 
 def subject_of(name: str) -> str:
     """``Subject_03_07`` → ``Subject_03`` (the B-scan index is the last ``_`` field)."""
-    return name.rsplit("_", 1)[0] if "_" in name else name
+    return name.rsplit("_", 1)[0]
 
 
 def split_holdout(samples: list[Sample], fraction: float, seed: int = HOLDOUT_SEED
