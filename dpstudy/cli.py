@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, GRAD_SAMPLE_MODES,
-                     LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, RunConfig)
+                     LR_SCHEDULES, METHODS, MODELS, NORMALISATIONS, OPTIMIZERS, RANDOMNESS,
+                     TRAINABLE, RunConfig)
 from .errors import Cancelled, ConfigError, DPStudyError
 from .store import default_runs_dir
 
@@ -31,6 +32,10 @@ COMMON = {
     "limit": ("--limit", int), "init_from": ("--init-from", str),
     "aug_multiplicity": ("--aug-multiplicity", int),
     "audit_holdout": ("--audit-holdout", float),
+    "normalisation": ("--normalisation", NORMALISATIONS),
+    "randomness": ("--randomness", RANDOMNESS),
+    "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
+    "fluid_weight": ("--fluid-weight", float),
 }
 HELP = {
     "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
@@ -50,6 +55,15 @@ HELP = {
                         "(needs --augment)",
     "audit_holdout": "share of each training subject's B-scans kept out of training as "
                      "membership-audit non-members (e.g. 0.5)",
+    "normalisation": "per_image (default: each image by its own pixels, costs no privacy) "
+                     "or train_split (the split's mean/std; non-private runs only)",
+    "randomness": "seeded (default: noise and sampling from --seed, reproducible) or "
+                  "os_entropy (from the OS, for a model that is released)",
+    "trainable": "parameters trained: all, norm_bias (GroupNorm affine + biases + head, "
+                 "DP-BiTFiT) or decoder; the rest keep their starting weights",
+    "ema_decay": "exponential moving average of the weights, evaluated and saved "
+                 "(e.g. 0.99; 0 = off)",
+    "fluid_weight": "weight of fluid pixels in the cross-entropy (e.g. 3)",
 }
 
 

@@ -23,6 +23,18 @@ OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "native_conv")
 LR_SCHEDULES = ("constant", "cosine")
+#: ``per_image``: each image standardised by its own pixels (nothing learned from the
+#: training split, so nothing escapes ε); ``train_split``: the split's mean/std, which
+#: a private run may not use (they are released without noise).
+NORMALISATIONS = ("per_image", "train_split")
+#: ``seeded``: noise and Poisson sampling drawn from the run's seed (reproducible research);
+#: ``os_entropy``: from the operating system, so no one holding config.json can regenerate
+#: the noise — what a model that is released needs.
+RANDOMNESS = ("seeded", "os_entropy")
+#: Which parameters a run trains (the rest stay at their starting weights, get no gradient
+#: and no noise): all; GroupNorm affine + biases + head (DP-BiTFiT, Bu et al. 2022); the
+#: decoder (up-sampling path and head).
+TRAINABLE = ("all", "norm_bias", "decoder")
 
 #: Default learning rates by (method, optimizer). With SGD, Automatic Clipping's summed
 #: update has per-sample norm ≈1 where flat clipping's is ≤C, and it is not divided
@@ -43,9 +55,16 @@ DEFAULT_LR = {
 }
 
 
-#: Fields added after runs were first stored, with the default that reproduces the
-#: behaviour before them: left out of the hash at that default, so stored run ids stay valid.
-HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0}
+#: Fields added after runs were first stored, with the value that reproduces the
+#: behaviour before them: left out of the hash at that value, so stored run ids stay
+#: valid, and given to a stored config that lacks the field (:meth:`RunConfig.from_stored`).
+#: For most it is the default; ``normalisation``'s default changed (training-split
+#: statistics escaped ε), so new runs hash it and old ones keep their ids.
+HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "normalisation": "train_split",
+                         "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0}
+#: Fields that never enter the hash: how the randomness was drawn does not make another
+#: experiment, and an os_entropy run cannot be reproduced from its config anyway.
+HASH_EXCLUDED = ("randomness",)
 
 
 @dataclass(frozen=True)
@@ -77,16 +96,21 @@ class RunConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
+    ema_decay: float = 0.0          # EMA of the weights (De et al. 2022); 0 = off
+    trainable: str = "all"
     dice_weight: float = 1.0
+    fluid_weight: float = 1.0       # weight of the fluid class in the cross-entropy
     augment: bool = False
     aug_multiplicity: int = 1       # K augmented copies per sample, averaged before clipping
     # data
     image_size: tuple[int, int] = (128, 128)
     data: str = "synthetic"
+    normalisation: str = "per_image"
     limit: int | None = None
     audit_holdout: float = 0.0      # share of each training subject's scans kept out (MIA)
     init_from: str | None = None    # run id of a completed run whose weights start training
     seed: int = 0
+    randomness: str = "seeded"
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -118,9 +142,15 @@ class RunConfig:
             raise ConfigError(f"{where}: unknown field(s) {unknown}; valid fields: {sorted(names)}")
         return cls(**d)
 
+    @classmethod
+    def from_stored(cls, d: dict, where: str = "config") -> "RunConfig":
+        """A config read back from the store: fields it predates take the value that
+        reproduces how it was trained."""
+        return cls.from_dict({**HASH_NEUTRAL_DEFAULTS, **d}, where=where)
+
     def config_hash(self) -> str:
-        fields = {k: v for k, v in self.to_dict().items()
-                  if k not in HASH_NEUTRAL_DEFAULTS or v != HASH_NEUTRAL_DEFAULTS[k]}
+        fields = {k: v for k, v in self.to_dict().items() if k not in HASH_EXCLUDED and (
+            k not in HASH_NEUTRAL_DEFAULTS or v != HASH_NEUTRAL_DEFAULTS[k])}
         blob = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:8]
 
@@ -161,6 +191,9 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.accountant, ACCOUNTANTS, "accountant")
     _choice(cfg.grad_sample_mode, GRAD_SAMPLE_MODES, "grad_sample_mode")
     _choice(cfg.lr_schedule, LR_SCHEDULES, "lr_schedule")
+    _choice(cfg.normalisation, NORMALISATIONS, "normalisation")
+    _choice(cfg.randomness, RANDOMNESS, "randomness")
+    _choice(cfg.trainable, TRAINABLE, "trainable")
     for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -184,6 +217,10 @@ def validate(cfg: RunConfig) -> None:
                           f"(--augment): the copies would be identical")
     if not (cfg.weight_decay >= 0 and cfg.dice_weight >= 0):
         raise ConfigError("weight_decay and dice_weight must be ≥ 0")
+    _positive(cfg.fluid_weight, "fluid_weight")
+    if not (isinstance(cfg.ema_decay, (int, float)) and 0.0 <= cfg.ema_decay < 1.0):
+        raise ConfigError(f"ema_decay={cfg.ema_decay!r} must lie in [0, 1) (0 = no weight "
+                          f"averaging; e.g. 0.99)")
     if len(cfg.image_size) != 2 or min(cfg.image_size) < 1:
         raise ConfigError(f"image_size={cfg.image_size!r} must be two positive integers H W")
     divisor = 2 ** cfg.depth

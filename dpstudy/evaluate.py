@@ -77,7 +77,7 @@ def load_trained(store: RunStore, run_id: str, meta: dict | None = None
     """A stored run's metadata (``meta`` if already read), config and final model, ready
     to score any images."""
     meta = store.read_meta(run_id) if meta is None else meta
-    cfg = RunConfig.from_dict(meta["config"], where=str(store.path(run_id) / "config.json"))
+    cfg = RunConfig.from_stored(meta["config"], where=str(store.path(run_id) / "config.json"))
     model = build_model(cfg.model, cfg.base_width, cfg.depth)
     load_weights(store, run_id, model)
     return meta, cfg, model
@@ -85,9 +85,10 @@ def load_trained(store: RunStore, run_id: str, meta: dict | None = None
 
 def stored_dataset(samples, cfg: RunConfig, meta: dict) -> SegmentationDataset:
     """Images scaled exactly as the run saw them in training: its image size and the
-    normalisation recorded from its training split."""
+    normalisation it recorded (per image, or its training split's mean and std)."""
     norm = meta["normalisation"]
-    return SegmentationDataset(samples, cfg.image_size, norm["mean"], norm["std"])
+    stats = None if norm.get("mode") == "per_image" else (norm["mean"], norm["std"])
+    return SegmentationDataset(samples, cfg.image_size, stats)
 
 
 def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val") -> dict:

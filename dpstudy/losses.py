@@ -24,8 +24,13 @@ def _check_dice_weight(dice_weight: float) -> None:
         raise ConfigError(f"loss dice_weight {dice_weight!r} is invalid: use a number >= 0")
 
 
-def per_sample_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+def per_sample_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+                    fluid_weight: float = 1.0) -> torch.Tensor:
     """Loss of each sample, ``[B]``: pixel-mean cross-entropy + ``dice_weight``·(1 − soft Dice).
+
+    ``fluid_weight`` multiplies the cross-entropy of fluid pixels (the last class): fluid
+    covers ~1 % of a B-scan, so unweighted it barely moves the pixel mean. The weight is
+    applied within each image, so samples stay independent.
 
     ``logits`` ``[B, C, H, W]`` are raw network outputs; the single softmax here feeds
     both terms. Soft Dice of class ``c`` in one image is ``2·Σp_c·t_c / (Σp_c + Σt_c)``
@@ -52,7 +57,11 @@ def per_sample_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: flo
     _check_dice_weight(dice_weight)
     batch, n_classes = logits.shape[:2]
     log_p = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=1)
-    cross_entropy = F.nll_loss(log_p, target, reduction="none").mean(dim=(1, 2))
+    weight = None
+    if fluid_weight != 1.0:
+        weight = torch.ones(n_classes, dtype=log_p.dtype, device=log_p.device)
+        weight[-1] = fluid_weight
+    cross_entropy = F.nll_loss(log_p, target, weight=weight, reduction="none").mean(dim=(1, 2))
 
     p = log_p.exp()[:, 1:]
     onehot = F.one_hot(target, n_classes).permute(0, 3, 1, 2)[:, 1:].to(p.dtype)

@@ -8,6 +8,7 @@ data loader the loop must iterate — with :class:`StudyDPOptimizer` as the opti
 
 from __future__ import annotations
 
+import secrets
 import warnings
 
 import torch
@@ -24,6 +25,13 @@ from .privacy.sparsification import Sparsifier
 # studies) and on every backward that the input needs no gradient (it never does here).
 warnings.filterwarnings("ignore", message="Secure RNG turned off")
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+
+def random_seed(cfg: RunConfig, stream: int) -> int:
+    """Seed of one random stream (0 Poisson sampling, 1 noise, 2 masks, 3 augmentation):
+    from the run's seed, or from the operating system's entropy (``randomness =
+    "os_entropy"``), so that nobody holding ``config.json`` can regenerate the noise."""
+    return cfg.seed + stream if cfg.randomness == "seeded" else secrets.randbits(63)
 
 
 class NonPrivate:
@@ -76,21 +84,27 @@ class Private(NonPrivate):
                 "aug_multiplicity": self.cfg.aug_multiplicity}
 
     def attach(self, model, optimizer, loader):
+        """Make the model private, then set σ from what the accountant will be told.
+
+        Opacus's Poisson loader samples at q = 1/len(loader) but runs int(1/q) steps an
+        epoch and tells the accountant 1/(that); σ is calibrated to exactly those
+        numbers, read back from the returned loader, not from our own arithmetic.
+        """
         cfg = self.cfg
-        self.sample_rate = 1.0 / len(loader)
-        if cfg.target_epsilon is not None:
-            self.noise_multiplier = calibrate_noise(
-                cfg.target_epsilon, self.sample_rate, cfg.epochs * len(loader), cfg.delta,
-                cfg.accountant)
-        else:
-            self.noise_multiplier = cfg.noise_multiplier
         native = cfg.grad_sample_mode == "native_conv"
         self.engine = _StudyPrivacyEngine(self._optimizer_kwargs(model), cfg.accountant)
         model, optimizer, loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=self.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+            noise_multiplier=cfg.noise_multiplier or 1.0, max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=True, grad_sample_mode="hooks" if native else cfg.grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(cfg.seed + 1))
+            noise_generator=torch.Generator().manual_seed(random_seed(cfg, 1)))
+        self.sample_rate = float(loader.sample_rate)
+        self.accountant_sample_rate = 1.0 / len(loader)
+        if cfg.target_epsilon is not None:
+            optimizer.noise_multiplier = calibrate_noise(
+                cfg.target_epsilon, self.accountant_sample_rate, cfg.epochs * len(loader),
+                cfg.delta, cfg.accountant)
+        self.noise_multiplier = optimizer.noise_multiplier
         if native:   # Opacus's hooks, with dpstudy's convolution sampler
             use_native_conv_grad_sample(model)
         self.optimizer = optimizer
@@ -122,7 +136,7 @@ class RandomSparsification(Private):
     def _optimizer_kwargs(self, model) -> dict:
         shapes = [p.shape for p in model.parameters() if p.requires_grad]
         self.sparsifier = Sparsifier(shapes, self.cfg.final_rate, self.cfg.refresh,
-                                     self.cfg.epochs, seed=self.cfg.seed + 2)
+                                     self.cfg.epochs, seed=random_seed(self.cfg, 2))
         return {**super()._optimizer_kwargs(model), "sparsifier": self.sparsifier}
 
     def before_step(self, epoch, step, steps_per_epoch):

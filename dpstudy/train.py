@@ -24,13 +24,15 @@ from .config import RunConfig
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
+from .averaging import WeightAverage
 from .data.transforms import augment, normalisation_stats
 from .errors import Cancelled, ConfigError, DataError
 from .evaluate import evaluate, starting_model, unwrap
 from .losses import per_sample_loss
-from .methods import build_method
+from .methods import build_method, random_seed
 from .models import count_parameters
-from .store import RunStore, RunWriter
+from .models.trainable import set_trainable
+from .store import DIAGNOSTIC_FIELDS, RunStore, RunWriter
 
 
 def package_versions() -> dict[str, str]:
@@ -45,29 +47,54 @@ def _check_against_data(cfg: RunConfig, n_train: int) -> None:
     if cfg.batch_size > n_train:
         raise ConfigError(f"batch_size={cfg.batch_size} is larger than the training set "
                           f"({n_train} images); use at most {n_train}")
+    if cfg.private and cfg.normalisation == "train_split":   # stored legacy runs may have it
+        raise ConfigError(
+            f"normalisation='train_split' with method {cfg.method}: the training split's "
+            f"mean and std would be released without noise, outside ε; use per_image")
     if cfg.private and cfg.delta >= 1.0 / n_train:
         raise ConfigError(f"delta={cfg.delta:g} must be < 1/N = {1.0 / n_train:.3g} "
                           f"(N = {n_train} training images)")
 
 
-def _check_init_source(cfg: RunConfig, source: dict) -> None:
+def _check_init_source(cfg: RunConfig, store: RunStore) -> None:
     """Starting weights come from a completed run and, for a private run, from public
-    (synthetic) data only: a run's ε counts its own steps, never what its weights saw."""
+    (synthetic) data only — checked along the whole chain of ``init_from`` ancestors: a
+    run's ε counts its own steps, never what its weights (or theirs) saw."""
+    source = store.read_meta(cfg.init_from)
     if source.get("status") != "completed":
         raise ConfigError(f"init_from={cfg.init_from}: that run is {source.get('status')}; "
                           f"only a completed run's weights can start training")
-    kind = (source.get("data") or {}).get("kind")
-    if cfg.private and kind != "synthetic":
-        raise ConfigError(f"init_from={cfg.init_from} was trained on {kind} data; a private run "
-                          f"may only start from a run on public (synthetic) data, since its ε "
-                          f"does not count what the starting weights learned")
+    run_id, seen = cfg.init_from, set()
+    while cfg.private and run_id is not None:
+        if run_id in seen:
+            raise ConfigError(f"init_from={cfg.init_from}: its ancestry loops at {run_id}")
+        seen.add(run_id)
+        meta = source if run_id == cfg.init_from else store.read_meta(run_id)
+        kind = (meta.get("data") or {}).get("kind")
+        if kind != "synthetic":
+            via = "" if run_id == cfg.init_from else f" (an ancestor of {cfg.init_from})"
+            raise ConfigError(
+                f"init_from={cfg.init_from}: run {run_id}{via} was trained on {kind} data; a "
+                f"private run may only start from weights trained on public (synthetic) data "
+                f"alone, since its ε does not count what the starting weights learned")
+        run_id = (meta.get("config") or {}).get("init_from")
+
+
+def _normalisation(cfg: RunConfig, train_samples) -> tuple[tuple[float, float] | None, dict]:
+    """The dataset's stats argument and what the run records about it."""
+    if cfg.normalisation == "per_image":
+        return None, {"mode": "per_image", "source": "each image's own pixels (padding "
+                      "excluded); no statistic of the training split"}
+    mean, std = normalisation_stats(train_samples)
+    return (mean, std), {"mode": "train_split", "mean": mean, "std": std,
+                         "source": "training split (allowed for non-private runs only)"}
 
 
 def _optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.effective_lr,
-                                weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.effective_lr, momentum=cfg.momentum,
+        return torch.optim.Adam(params, lr=cfg.effective_lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.effective_lr, momentum=cfg.momentum,
                            weight_decay=cfg.weight_decay)
 
 
@@ -98,9 +125,10 @@ def _augmented(x, y, k: int, generator: torch.Generator):
     return torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
 
 
-def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progress,
+def _train_epoch(model, optimizer, loader, method, after_step, epoch, cfg, progress,
                  aug_generator):
-    """One pass over the (Poisson-sampled, for DP) loader; returns mean per-sample loss."""
+    """One pass over the (Poisson-sampled, for DP) loader; returns mean per-sample loss
+    and the number of logical steps. ``after_step`` runs after each logical step."""
     model.train()
     steps_per_epoch = len(loader)  # logical batches; physical ones may be more
     physical = (BatchMemoryManager(data_loader=loader, optimizer=optimizer,
@@ -123,14 +151,13 @@ def _train_epoch(model, optimizer, loader, method, scheduler, epoch, cfg, progre
                     p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                 losses = torch.zeros(0)
             else:
-                losses = per_sample_loss(model(x), y, cfg.dice_weight)
+                losses = per_sample_loss(model(x), y, cfg.dice_weight, cfg.fluid_weight)
                 (losses.sum() / max(len(losses), 1)).backward()
             optimizer.step()
             new_step = not getattr(optimizer, "_is_last_step_skipped", False)
             if new_step:
                 step += 1
-                if scheduler is not None:
-                    scheduler.step()
+                after_step()
             total += float(losses.detach().sum())
             count += len(losses)
     return total / max(count, 1), step
@@ -154,22 +181,31 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     _check_against_data(cfg, len(train_samples))
     log(f"data: {bundle.describe()}")
 
-    mean, std = normalisation_stats(train_samples)
-    train_ds = SegmentationDataset(train_samples, cfg.image_size, mean, std)
-    val_ds = SegmentationDataset(val_samples, cfg.image_size, mean, std)
+    stats, norm_record = _normalisation(cfg, train_samples)
+    train_ds = SegmentationDataset(train_samples, cfg.image_size, stats)
+    val_ds = SegmentationDataset(val_samples, cfg.image_size, stats)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(random_seed(cfg, 0)))
 
     store = RunStore(runs_dir)
     if cfg.init_from:
-        _check_init_source(cfg, store.read_meta(cfg.init_from))
+        _check_init_source(cfg, store)
     model = starting_model(store, cfg)
+    set_trainable(model, cfg.trainable)
+    average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     method = build_method(cfg)
     model, optimizer, loader = method.attach(model, _optimizer(cfg, model), loader)
     total_steps = cfg.epochs * len(loader)
     scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(
         getattr(optimizer, "original_optimizer", optimizer), T_max=total_steps)
         if cfg.lr_schedule == "cosine" else None)
+    released = average.model if average else model   # what is evaluated and saved
+
+    def after_step():
+        if scheduler is not None:
+            scheduler.step()
+        if average is not None:
+            average.update(unwrap(model))
 
     writer = RunWriter(store, cfg.run_id(), {
         "config": cfg.to_dict(),
@@ -177,9 +213,11 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                  "fingerprint": bundle.fingerprint, "description": bundle.describe(),
                  "n_train": len(train_samples), "n_val": len(val_samples),
                  "n_audit_holdout": len(held_out)},
-        "normalisation": {"mean": mean, "std": std},
+        "normalisation": norm_record, "randomness": cfg.randomness,
         "private": method.private, "sample_rate": method.sample_rate,
+        "accountant_sample_rate": getattr(method, "accountant_sample_rate", None),
         "noise_multiplier": method.noise_multiplier,
+        "diagnostics_not_covered_by_epsilon": list(DIAGNOSTIC_FIELDS) if method.private else [],
         "delta": cfg.delta if method.private else None, "accountant": cfg.accountant,
         "lr": cfg.effective_lr, "n_params": count_parameters(model),
         "steps": 0, "epsilon": 0.0 if method.private else None, "epochs_done": 0,
@@ -187,18 +225,18 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     if method.private:
         log(f"noise multiplier σ={method.noise_multiplier:.4g}, sample rate "
             f"q={method.sample_rate:.4g}, δ={cfg.delta:g}")
-    steps, aug_generator = 0, torch.Generator().manual_seed(cfg.seed + 3)
+    steps, aug_generator = 0, torch.Generator().manual_seed(random_seed(cfg, 3))
     try:
         with _cancel_on_signals():
             for epoch in tqdm(range(cfg.epochs), desc=cfg.run_id(), disable=not progress):
                 t0 = time.perf_counter()
                 train_loss, epoch_steps = _train_epoch(model, optimizer, loader, method,
-                                                       scheduler, epoch, cfg, progress,
+                                                       after_step, epoch, cfg, progress,
                                                        aug_generator)
                 steps += epoch_steps
                 stats = method.epoch_stats()
                 seconds = time.perf_counter() - t0
-                metrics, native = (evaluate(model, val_ds, cfg.dice_weight) if len(val_ds)
+                metrics, native = (evaluate(released, val_ds, cfg.dice_weight) if len(val_ds)
                                    else ({}, []))
                 row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics,
                        "epsilon": stats["epsilon"], "steps": stats["steps"] or steps,
@@ -212,7 +250,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                               epsilon=None if math.isnan(row["epsilon"]) else row["epsilon"])
                 if progress:
                     tqdm.write(_summary(row))
-            writer.save_checkpoint(unwrap(model).state_dict())
+            writer.save_checkpoint(unwrap(released).state_dict())
             if len(val_ds):  # the last epoch's predictions are the final model's
                 writer.save_predictions("val", val_ds.names, val_ds.native_images,
                                         val_ds.native_masks, native)

@@ -147,8 +147,11 @@ def test_no_run_continues_weights_whose_privacy_cost_it_does_not_count(tmp_path)
     private = RunConfig(**TINY, method="dp_sgd", noise_multiplier=1.0)
     for run_id, fields, message in [
         ("on-duke", dict(data={"kind": "duke", "spec": "/data/DukeData"}),
-         "init_from=on-duke was trained on duke data; a private run may only start from a run "
-         "on public (synthetic) data"),
+         "init_from=on-duke: run on-duke was trained on duke data; a private run may only "
+         "start from weights trained on public (synthetic) data alone"),
+        # a phantom run whose own weights started from the Duke run: checked transitively
+        ("laundered", dict(config={**RunConfig(**TINY, init_from="on-duke").to_dict()}),
+         "init_from=laundered: run on-duke (an ancestor of laundered) was trained on duke"),
         ("interrupted", dict(status="running"),
          "init_from=interrupted: that run is interrupted; only a completed run's weights"),
         ("cancelled", dict(status="cancelled"), "that run is cancelled"),
@@ -156,6 +159,7 @@ def test_no_run_continues_weights_whose_privacy_cost_it_does_not_count(tmp_path)
         write_run(tmp_path, run_id, checkpoint=True, **fields)
         with pytest.raises(ConfigError, match=re.escape(message)):
             train(private.replace(init_from=run_id), tmp_path, progress=False, log=quiet)
-    assert sorted(RunStore(tmp_path).run_ids()) == ["cancelled", "interrupted", "on-duke"]
+    assert sorted(RunStore(tmp_path).run_ids()) == ["cancelled", "interrupted", "laundered",
+                                                    "on-duke"]
     # a non-private run claims no ε: it may start from any completed run
     assert train(RunConfig(**TINY, init_from="on-duke"), tmp_path, progress=False, log=quiet)

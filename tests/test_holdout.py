@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from dpstudy.audit import audit_run
-from dpstudy.config import RunConfig
+from dpstudy.config import HASH_EXCLUDED, HASH_NEUTRAL_DEFAULTS, RunConfig
 from dpstudy.data.duke import load_split
 from dpstudy.data.holdout import split_holdout, subject_of
 from dpstudy.data.sample import Sample
@@ -57,11 +57,17 @@ def test_holdout_on_real_duke_covers_all_six_training_subjects(duke_root):
 
 
 def test_default_holdout_leaves_stored_run_ids_unchanged():
-    cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0)
-    before = {k: v for k, v in cfg.to_dict().items() if k != "audit_holdout"}
+    """A config at the values every later field reproduces hashes as it did before
+    those fields existed; the fields count once set otherwise."""
+    cfg = RunConfig.from_stored(RunConfig(method="dp_sgd", noise_multiplier=1.0).to_dict()
+                                | HASH_NEUTRAL_DEFAULTS)
+    before = {k: v for k, v in cfg.to_dict().items()
+              if k not in HASH_NEUTRAL_DEFAULTS and k not in HASH_EXCLUDED}
     blob = json.dumps(before, sort_keys=True, separators=(",", ":"))
     assert cfg.config_hash() == hashlib.sha256(blob.encode()).hexdigest()[:8]
     assert dataclasses.replace(cfg, audit_holdout=0.5).run_id() != cfg.run_id()
+    assert dataclasses.replace(cfg, normalisation="per_image").run_id() != cfg.run_id()
+    assert dataclasses.replace(cfg, randomness="os_entropy").run_id() == cfg.run_id()
 
 
 def test_run_trains_on_members_only_and_audits_against_its_holdout(tmp_path):

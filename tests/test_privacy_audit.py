@@ -191,10 +191,10 @@ def test_the_training_loop_takes_a_noise_only_step_on_an_empty_batch(mode):
                               DataLoader(data, batch_size=2))
     before = [p.detach().clone() for p in model.parameters()]
     empty = (torch.zeros(0, 1, 16, 16), torch.zeros(0, 16, 16, dtype=torch.long))
-    _, steps = _train_epoch(model, opt, [empty], dp, None, 0, cfg, False, None)
+    _, steps = _train_epoch(model, opt, [empty], dp, lambda: None, 0, cfg, False, None)
     assert steps == 1 and dp.engine.accountant.history == [(1.0, 0.5, 1)]
     assert all((p != b).any() for p, b in zip(model.parameters(), before))   # noise applied
-    _, steps = _train_epoch(model, opt, [data[:2], empty], dp, None, 0, cfg, False, None)
+    _, steps = _train_epoch(model, opt, [data[:2], empty], dp, lambda: None, 0, cfg, False, None)
     assert steps == 2 and dp.engine.accountant.history == [(1.0, 0.5, 3)]
 
 

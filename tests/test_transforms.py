@@ -111,7 +111,7 @@ def samples(n=3):
 
 def test_dataset_resizes_once_and_normalises():
     data = samples()
-    ds = SegmentationDataset(data, (16, 24), mean=100.0, std=50.0)
+    ds = SegmentationDataset(data, (16, 24), (100.0, 50.0))
     assert len(ds) == 3 and ds.names == ["s0", "s1", "s2"]
     x, y = ds[1]
     assert x.shape == (1, 16, 24) and x.dtype == torch.float32
@@ -123,7 +123,7 @@ def test_dataset_resizes_once_and_normalises():
 
 
 def test_dataset_edge_cases():
-    empty = SegmentationDataset([], (16, 24), 100.0, 50.0)  # e.g. a data set without val
+    empty = SegmentationDataset([], (16, 24), (100.0, 50.0))  # e.g. a data set without val
     assert len(empty) == 0 and empty.x.shape == (0, 1, 16, 24)
     with pytest.raises(DataError, match="std=0"):
-        SegmentationDataset(samples(), (16, 24), 100.0, 0.0)
+        SegmentationDataset(samples(), (16, 24), (100.0, 0.0))

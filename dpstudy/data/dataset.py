@@ -4,12 +4,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dpstudy.data.transforms import resize_image, resize_mask
+from dpstudy.data.transforms import image_stats, resize_image, resize_mask
 from dpstudy.errors import DataError
 
 
 class SegmentationDataset(Dataset):
     """B-scans resized to ``image_size`` and normalised, with their label masks.
+
+    ``stats`` is a fixed ``(mean, std)`` for every image, or ``None`` to standardise each
+    image by its own pixels (:func:`~dpstudy.data.transforms.image_stats`).
 
     Every sample is resized once, at construction: per-item resizing would dominate the
     cost of a DP-SGD step on CPU. The native images and masks are kept as well, so that
@@ -19,10 +22,12 @@ class SegmentationDataset(Dataset):
     ``x`` ``float32 [N, 1, H, W]`` normalised images and ``y`` ``int64 [N, H, W]`` classes.
     """
 
-    def __init__(self, samples, image_size: tuple[int, int], mean: float, std: float):
+    def __init__(self, samples, image_size: tuple[int, int],
+                 stats: tuple[float, float] | None = None):
         samples = list(samples)
-        if not std > 0:
-            raise DataError(f"normalisation std={std} is invalid; it must be positive (see normalisation_stats)")
+        if stats is not None and not stats[1] > 0:
+            raise DataError(f"normalisation std={stats[1]} is invalid; it must be positive "
+                            f"(see normalisation_stats)")
         size = (int(image_size[0]), int(image_size[1]))
         if min(size) < 1:
             raise DataError(f"image_size={image_size} is invalid; use positive (rows, columns)")
@@ -34,6 +39,7 @@ class SegmentationDataset(Dataset):
         images = np.zeros((len(samples), *size), np.float32)
         masks = np.zeros((len(samples), *size), np.int64)
         for i, s in enumerate(samples):
+            mean, std = stats if stats is not None else image_stats(s.image, s.name)
             images[i] = (resize_image(s.image, size) - np.float32(mean)) / np.float32(std)
             masks[i] = resize_mask(s.mask, size)
         self.x = torch.from_numpy(images)[:, None]

@@ -54,6 +54,29 @@ def logits_to_native(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tenso
     raise DataError(f"logits have shape {tuple(logits.shape)}; expected [C, h, w] or [B, C, h, w]")
 
 
+#: Duke's registration padding is saturated white; it says nothing about the scan's
+#: contrast and covers 0–10 % of a B-scan, so per-image statistics leave it out.
+PADDING_VALUE = 255
+
+
+def image_stats(image: np.ndarray, name: str = "image") -> tuple[float, float]:
+    """Mean and standard deviation of one image's pixels, saturated padding excluded.
+
+    Per-image standardisation (as nnU-Net does for non-CT modalities) uses nothing but
+    the image itself, so a private run learns no statistic of its training split, and a
+    new patient's scanner gain or brightness is factored out before the network sees it.
+    """
+    x = np.asarray(image, dtype=np.float64)
+    signal = x[x < PADDING_VALUE]
+    if signal.size == 0:
+        signal = x.ravel()
+    std = float(signal.std()) if signal.size else 0.0
+    if not std > 0:
+        raise DataError(f"{name}: all pixels have intensity {float(x.flat[0]) if x.size else 'n/a'}"
+                        f"; an image with no contrast cannot be normalised")
+    return float(signal.mean()), std
+
+
 def normalisation_stats(samples) -> tuple[float, float]:
     """Mean and standard deviation of the raw intensities over all pixels of ``samples``.
 

@@ -95,11 +95,16 @@ class StudyDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
     def pop_grad_stats(self) -> dict[str, float]:
-        """Median per-sample gradient norm and fraction clipped since the last call."""
+        """Median per-sample gradient norm and fraction clipped since the last call.
+
+        Diagnostics computed from private gradients without noise: not covered by ε.
+        Automatic Clipping rescales every sample, so "clipped" has no meaning there (NaN).
+        """
         norms = torch.cat(self.norm_log) if self.norm_log else torch.empty(0)
         clipped = torch.cat(self.clipped_log) if self.clipped_log else torch.empty(0)
         self.norm_log, self.clipped_log = [], []
         if norms.numel() == 0:
             return {"grad_norm_median": float("nan"), "clipped_fraction": float("nan")}
         return {"grad_norm_median": float(norms.median()),
-                "clipped_fraction": float(clipped.float().mean())}
+                "clipped_fraction": (float("nan") if self.clip_fn == "automatic"
+                                     else float(clipped.float().mean()))}
