@@ -102,7 +102,15 @@ def _pretrain_config(spec: dict, cfg: RunConfig, overrides: dict, path: Path) ->
     fields = {**spec.get("base", {}), "method": "non_dp", "data": "synthetic",
               **spec["pretrain"], **{k: v for k, v in overrides.items() if k != "data"},
               **{k: getattr(cfg, k) for k in ARCHITECTURE}}
-    return RunConfig.from_dict(fields, where=f"{path} [pretrain]")
+    pre = RunConfig.from_dict(fields, where=f"{path} [pretrain]")
+    if cfg.private and not pre.data.split(":")[0] == "synthetic":
+        raise ConfigError(f"{path} [pretrain]: data={pre.data!r} is not public; the private "
+                          f"runs it starts would use weights their ε does not count "
+                          f"(pretrain on 'synthetic')")
+    if cfg.private and pre.init_from is not None:
+        raise ConfigError(f"{path} [pretrain]: init_from={pre.init_from!r}; a pretraining run "
+                          f"for private runs starts from scratch, so its provenance is known")
+    return pre
 
 
 def _phases(configs: list[RunConfig]) -> list[list[RunConfig]]:

@@ -93,6 +93,15 @@ def test_overrides_win_except_the_public_data_of_pretraining(tmp_path):
     path.write_text(PROFILE.replace("pretrained = true", "pretrained = 'yes'"))
     with pytest.raises(ConfigError, match="pretrained"):
         load_profile(str(path))
+    # pretraining for private runs must be public, and from scratch
+    path.write_text(PROFILE.replace("[pretrain]\nepochs = 1\n",
+                                    "[pretrain]\nepochs = 1\ndata = '/duke'\n"))
+    with pytest.raises(ConfigError, match="\\[pretrain\\]: data='/duke' is not public"):
+        load_profile(str(path))
+    path.write_text(PROFILE.replace("[pretrain]\nepochs = 1\n",
+                                    "[pretrain]\nepochs = 1\ninit_from = 'some-run'\n"))
+    with pytest.raises(ConfigError, match="init_from='some-run'"):
+        load_profile(str(path))
 
 
 def test_summary_has_one_row_per_configuration_with_seed_statistics(study, tmp_path):
