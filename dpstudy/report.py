@@ -203,11 +203,22 @@ def write_report(runs_dir, out, run_ids: list[str] | None = None) -> list[Path]:
     return [*paths, out / "report.md"]
 
 
+#: What every report says about its privacy figures (issue: state the unit and the leaks).
+PRIVACY_NOTE = (
+    "ε is **B-scan-level** (ε, δ): it protects one B-scan of the training split; a patient "
+    "contributes several (group privacy bounds what that implies per patient). Training "
+    "loss, the median per-sample gradient norm and the clipped fraction of a DP run are "
+    "computed from private data without noise: diagnostics, not covered by ε, and not in "
+    "the tables. Learning rates, the C grid and epochs were chosen on validation Dice "
+    "(Duke subjects 7–8), so validation scores are optimistic; the independent check is "
+    "`dpstudy evaluate RUN --data OTHER --split test` on other patients.\n")
+
+
 def _report_md(store, summary, table, charts, excluded) -> str:
     parts = [f"# dpstudy report\n\nRun store: `{store.root.resolve()}` — {len(summary)} "
              f"configuration(s) from {int(summary['n_seeds'].sum())} completed run(s); "
              f"mean ± sample standard deviation over seeds. `summary.csv` has every field.\n",
-             markdown(table)]
+             PRIVACY_NOTE, markdown(table)]
     parts += [f"![{stem}]({stem}.png)\n" for stem in charts]
     if len(excluded):
         parts.append(f"## Runs not included ({len(excluded)})\n\n" + markdown(excluded.fillna("")))
