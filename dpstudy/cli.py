@@ -182,7 +182,7 @@ def cmd_sweep(args) -> None:
     from .sweep import expand_grid, load_profile, run_sweep
     base = _base_fields(args)
     if args.profile:
-        configs, _ = load_profile(args.profile, overrides=base)
+        configs, _ = load_profile(args.profile, overrides=base, seeds=args.seeds)
     else:
         grid = {"model": args.models or ["unet"], "method": args.methods or ["non_dp"],
                 "noise_multiplier": args.noise_multipliers or [],

@@ -51,12 +51,13 @@ def expand_grid(base: dict, grid: dict) -> list[RunConfig]:
     return list(configs.values())
 
 
-def load_profile(name_or_path: str, overrides: dict | None = None
-                 ) -> tuple[list[RunConfig], dict]:
+def load_profile(name_or_path: str, overrides: dict | None = None,
+                 seeds: list[int] | None = None) -> tuple[list[RunConfig], dict]:
     """Configs of a profile (a name in ``dpstudy/profiles`` or a TOML path) and its text.
 
     Pretraining runs come first. ``overrides`` (explicit command-line settings) win over
     the profile, except the data of a pretraining run, which is public by definition.
+    ``seeds`` replaces every grid's seed list (pretraining keeps its own seed).
     """
     path = Path(name_or_path)
     if not path.suffix:
@@ -77,7 +78,7 @@ def load_profile(name_or_path: str, overrides: dict | None = None
     pretrain: dict[str, RunConfig] = {}
     configs: dict[str, RunConfig] = {}
     for grid in spec["grid"]:
-        grid = dict(grid)
+        grid = dict(grid) | ({"seed": list(seeds)} if seeds else {})
         flags = grid.pop("pretrained", False)
         for flag in flags if isinstance(flags, list) else [flags]:
             if flag not in (True, False):

@@ -87,6 +87,9 @@ def test_overrides_win_except_the_public_data_of_pretraining(tmp_path):
     assert configs[0].data == "synthetic" and all(c.epochs == 5 for c in configs)
     assert all(c.data == "/duke" for c in configs[1:])
     assert all(c.init_from in (None, configs[0].run_id()) for c in configs)
+    reseeded, _ = load_profile(str(path), seeds=[3, 4])      # --seeds: every grid, not pretraining
+    assert reseeded[0].seed == configs[0].seed and len(reseeded) == 1 + 2 + 2 * 2   # pre, dp_sgd, 2 methods
+    assert {c.seed for c in reseeded[1:]} == {3, 4}
     path.write_text(PROFILE.replace("[pretrain]\nepochs = 1\n", ""))
     with pytest.raises(ConfigError, match="no \\[pretrain\\] table"):
         load_profile(str(path))
