@@ -38,7 +38,8 @@ HELP = {
     "gamma": "Automatic Clipping γ: 0.01 = AUTO-S, 0 = AUTO-V",
     "final_rate": "Random Sparsification final rate r* (gradual cooling from 0)",
     "refresh": "Random Sparsification masks drawn per epoch",
-    "accountant": "rdp (default; PRV breaks down at large ε) or prv",
+    "accountant": "rdp (default; PRV breaks down at large ε), prv, or pld (dp-accounting's "
+                  "privacy loss distributions: the tightest, same ε for less noise)",
     "grad_sample_mode": "per-sample gradients: native_conv (default; Opacus hooks with "
                         "PyTorch's own conv backward per sample, fastest on CPU), hooks or "
                         "functorch (Opacus's)",

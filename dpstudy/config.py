@@ -20,7 +20,7 @@ DP_METHODS = METHODS[1:]
 CLIPPING_STYLES = ("flat", "per_layer")
 CLIP_FUNCTIONS = ("abadi", "automatic")
 OPTIMIZERS = ("adam", "sgd")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "native_conv")
 LR_SCHEDULES = ("constant", "cosine")
 
