@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, GRAD_SAMPLE_MODES,
-                     LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, RunConfig)
+                     LR_SCHEDULES, METHODS, MODELS, OPTIMIZERS, PRIVACY_UNITS, RunConfig)
 from .errors import Cancelled, ConfigError, DPStudyError
 from .store import default_runs_dir
 
@@ -31,6 +31,7 @@ COMMON = {
     "limit": ("--limit", int), "init_from": ("--init-from", str),
     "aug_multiplicity": ("--aug-multiplicity", int),
     "audit_holdout": ("--audit-holdout", float),
+    "privacy_unit": ("--privacy-unit", PRIVACY_UNITS),
 }
 HELP = {
     "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
@@ -40,6 +41,10 @@ HELP = {
     "refresh": "Random Sparsification masks drawn per epoch",
     "accountant": "rdp (default; PRV breaks down at large ε), prv, or pld (dp-accounting's "
                   "privacy loss distributions: the tightest, same ε for less noise)",
+    "privacy_unit": "what ε protects: bscan (default) or subject (Poisson sampling of "
+                    "patients, each patient's summed gradient clipped as one unit)",
+    "batch_size": "batch size (DP runs: expected, Poisson sampling with q = 1/⌈N/B⌉); "
+                  "with --privacy-unit subject it counts subjects, not B-scans",
     "grad_sample_mode": "per-sample gradients: native_conv (default; Opacus hooks with "
                         "PyTorch's own conv backward per sample, fastest on CPU), hooks or "
                         "functorch (Opacus's)",

@@ -23,6 +23,8 @@ OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv", "pld")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "native_conv")
 LR_SCHEDULES = ("constant", "cosine")
+#: what one (ε, δ) protects: one B-scan, or all B-scans of one subject (patient)
+PRIVACY_UNITS = ("bscan", "subject")
 
 #: Default learning rates by (method, optimizer). With SGD, Automatic Clipping's summed
 #: update has per-sample norm ≈1 where flat clipping's is ≤C, and it is not divided
@@ -45,7 +47,7 @@ DEFAULT_LR = {
 
 #: Fields added after runs were first stored, with the default that reproduces the
 #: behaviour before them: left out of the hash at that default, so stored run ids stay valid.
-HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0}
+HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "privacy_unit": "bscan"}
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,7 @@ class RunConfig:
     refresh: int = 1                # Random Sparsification masks per epoch
     delta: float = 1e-5
     accountant: str = "rdp"
+    privacy_unit: str = "bscan"     # "subject": Poisson-sample patients, clip each one's sum
     grad_sample_mode: str = "native_conv"   # fastest on CPU (bench/dp_step.py)
     # optimisation
     epochs: int = 10
@@ -159,6 +162,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.clip_fn, CLIP_FUNCTIONS, "clip_fn")
     _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
     _choice(cfg.accountant, ACCOUNTANTS, "accountant")
+    _choice(cfg.privacy_unit, PRIVACY_UNITS, "privacy_unit")
     _choice(cfg.grad_sample_mode, GRAD_SAMPLE_MODES, "grad_sample_mode")
     _choice(cfg.lr_schedule, LR_SCHEDULES, "lr_schedule")
     for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity"):
@@ -198,6 +202,12 @@ def validate(cfg: RunConfig) -> None:
             not isinstance(cfg.init_from, str) or ".." in cfg.init_from
             or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", cfg.init_from)):
         raise ConfigError(f"init_from={cfg.init_from!r} must be a run id from the store")
+    if cfg.privacy_unit == "subject" and not cfg.private:
+        raise ConfigError("privacy_unit=subject needs a DP method; non_dp protects no unit")
+    if cfg.privacy_unit == "subject" and cfg.max_physical_batch is not None:
+        raise ConfigError(f"max_physical_batch={cfg.max_physical_batch} cannot be used with "
+                          f"privacy_unit=subject: a subject's B-scans are summed before "
+                          f"clipping, so its batch cannot be split")
     if cfg.private:
         if (cfg.noise_multiplier is None) == (cfg.target_epsilon is None):
             raise ConfigError(

@@ -179,6 +179,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                  "n_audit_holdout": len(held_out)},
         "normalisation": {"mean": mean, "std": std},
         "private": method.private, "sample_rate": method.sample_rate,
+        "privacy_unit": cfg.privacy_unit if method.private else None, "n_units": method.n_units,
         "noise_multiplier": method.noise_multiplier,
         "delta": cfg.delta if method.private else None, "accountant": cfg.accountant,
         "lr": cfg.effective_lr, "n_params": count_parameters(model),
