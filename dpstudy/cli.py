@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, GRAD_SAMPLE_MODES,
-                     LR_SCHEDULES, METHODS, MODELS, NORMALISATIONS, OPTIMIZERS, RANDOMNESS,
+                     LR_SCHEDULES, METHODS, MODELS, NORMALISATIONS, OPTIMIZERS, PRIVACY_UNITS,
+                     RANDOMNESS,
                      TRAINABLE, RunConfig)
 from .errors import Cancelled, ConfigError, DPStudyError
 from .store import default_runs_dir
@@ -43,7 +44,12 @@ HELP = {
     "gamma": "Automatic Clipping γ: 0.01 = AUTO-S, 0 = AUTO-V",
     "final_rate": "Random Sparsification final rate r* (gradual cooling from 0)",
     "refresh": "Random Sparsification masks drawn per epoch",
-    "accountant": "rdp (default; PRV breaks down at large ε) or prv",
+    "accountant": "rdp (default; PRV breaks down at large ε), prv, or pld (dp-accounting's "
+                  "privacy loss distributions: the tightest, same ε for less noise)",
+    "privacy_unit": "what ε protects: bscan (default) or subject (Poisson sampling of "
+                    "patients, each patient's summed gradient clipped as one unit)",
+    "batch_size": "batch size (DP runs: expected, Poisson sampling with q = 1/⌈N/B⌉); "
+                  "with --privacy-unit subject it counts subjects, not B-scans",
     "grad_sample_mode": "per-sample gradients: native_conv (default; Opacus hooks with "
                         "PyTorch's own conv backward per sample, fastest on CPU), hooks or "
                         "functorch (Opacus's)",

@@ -20,7 +20,7 @@ DP_METHODS = METHODS[1:]
 CLIPPING_STYLES = ("flat", "per_layer")
 CLIP_FUNCTIONS = ("abadi", "automatic")
 OPTIMIZERS = ("adam", "sgd")
-ACCOUNTANTS = ("rdp", "prv")
+ACCOUNTANTS = ("rdp", "prv", "pld")
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "native_conv")
 LR_SCHEDULES = ("constant", "cosine")
 #: ``per_image``: each image standardised by its own pixels (nothing learned from the
@@ -35,6 +35,8 @@ RANDOMNESS = ("seeded", "os_entropy")
 #: and no noise): all; GroupNorm affine + biases + head (DP-BiTFiT, Bu et al. 2022); the
 #: decoder (up-sampling path and head).
 TRAINABLE = ("all", "norm_bias", "decoder")
+#: what one (ε, δ) protects: one B-scan, or all B-scans of one subject (patient)
+PRIVACY_UNITS = ("bscan", "subject")
 
 #: Default learning rates by (method, optimizer). With SGD, Automatic Clipping's summed
 #: update has per-sample norm ≈1 where flat clipping's is ≤C, and it is not divided
@@ -61,7 +63,8 @@ DEFAULT_LR = {
 #: For most it is the default; ``normalisation``'s default changed (training-split
 #: statistics escaped ε), so new runs hash it and old ones keep their ids.
 HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "normalisation": "train_split",
-                         "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0}
+                         "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0,
+                         "privacy_unit": "bscan"}
 #: Fields that never enter the hash: how the randomness was drawn does not make another
 #: experiment, and an os_entropy run cannot be reproduced from its config anyway.
 HASH_EXCLUDED = ("randomness",)
@@ -86,6 +89,7 @@ class RunConfig:
     refresh: int = 1                # Random Sparsification masks per epoch
     delta: float = 1e-5
     accountant: str = "rdp"
+    privacy_unit: str = "bscan"     # "subject": Poisson-sample patients, clip each one's sum
     grad_sample_mode: str = "native_conv"   # fastest on CPU (bench/dp_step.py)
     # optimisation
     epochs: int = 10
@@ -189,6 +193,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.clip_fn, CLIP_FUNCTIONS, "clip_fn")
     _choice(cfg.optimizer, OPTIMIZERS, "optimizer")
     _choice(cfg.accountant, ACCOUNTANTS, "accountant")
+    _choice(cfg.privacy_unit, PRIVACY_UNITS, "privacy_unit")
     _choice(cfg.grad_sample_mode, GRAD_SAMPLE_MODES, "grad_sample_mode")
     _choice(cfg.lr_schedule, LR_SCHEDULES, "lr_schedule")
     _choice(cfg.normalisation, NORMALISATIONS, "normalisation")
@@ -235,6 +240,12 @@ def validate(cfg: RunConfig) -> None:
             not isinstance(cfg.init_from, str) or ".." in cfg.init_from
             or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}", cfg.init_from)):
         raise ConfigError(f"init_from={cfg.init_from!r} must be a run id from the store")
+    if cfg.privacy_unit == "subject" and not cfg.private:
+        raise ConfigError("privacy_unit=subject needs a DP method; non_dp protects no unit")
+    if cfg.privacy_unit == "subject" and cfg.max_physical_batch is not None:
+        raise ConfigError(f"max_physical_batch={cfg.max_physical_batch} cannot be used with "
+                          f"privacy_unit=subject: a subject's B-scans are summed before "
+                          f"clipping, so its batch cannot be split")
     if cfg.private:
         if (cfg.noise_multiplier is None) == (cfg.target_epsilon is None):
             raise ConfigError(

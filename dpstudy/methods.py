@@ -4,6 +4,8 @@ A method turns (model, optimizer, loader) into what the loop iterates and steps,
 reports its privacy state after each epoch. ``non_dp`` leaves them alone; the private
 methods go through Opacus's ``PrivacyEngine.make_private`` — whose Poisson-sampling
 data loader the loop must iterate — with :class:`StudyDPOptimizer` as the optimizer.
+With ``privacy_unit=subject`` the loader samples whole subjects instead (its q and steps
+are what the accountant is told) and the optimizer clips each subject's summed gradient.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import torch
 from opacus import PrivacyEngine
 
 from .config import RunConfig
+from .data.units import unit_loader
+from .errors import ConfigError
 from .privacy.accounting import calibrate_noise
 from .privacy.conv_grad_sample import use_native_conv_grad_sample
 from .privacy.optimizer import StudyDPOptimizer
@@ -43,6 +47,7 @@ class NonPrivate:
         self.cfg = cfg
         self.noise_multiplier = None
         self.sample_rate = None
+        self.n_units = None     # privacy units in the training set (B-scans or subjects)
 
     def attach(self, model, optimizer, loader):
         return model, optimizer, loader
@@ -81,7 +86,8 @@ class Private(NonPrivate):
     def _optimizer_kwargs(self, model) -> dict:
         return {"clip_fn": self.clip_fn, "gamma": self.cfg.gamma,
                 "per_layer": self.cfg.clipping == "per_layer",
-                "aug_multiplicity": self.cfg.aug_multiplicity}
+                "aug_multiplicity": self.cfg.aug_multiplicity,
+                "unit_sizes": self._unit_sizes}
 
     def attach(self, model, optimizer, loader):
         """Make the model private, then set σ from what the accountant will be told.
@@ -91,20 +97,37 @@ class Private(NonPrivate):
         numbers, read back from the returned loader, not from our own arithmetic.
         """
         cfg = self.cfg
+        by_subject = cfg.privacy_unit == "subject"
+        self._unit_sizes = None
+        if by_subject:  # Poisson sampling of subjects replaces Opacus's of B-scans
+            loader = unit_loader(loader.dataset, cfg.batch_size, loader.generator)
+            sampler = loader.batch_sampler
+            self._unit_sizes = lambda: sampler.sizes
+            self.n_units = len(sampler.groups)
+            if cfg.delta >= 1.0 / self.n_units:
+                raise ConfigError(f"delta={cfg.delta:g} must be < 1/N = {1.0 / self.n_units:.3g}"
+                                  f" (N = {self.n_units} training subjects)")
+        else:
+            self.n_units = len(loader.dataset)
         native = cfg.grad_sample_mode == "native_conv"
         self.engine = _StudyPrivacyEngine(self._optimizer_kwargs(model), cfg.accountant)
         model, optimizer, loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=cfg.noise_multiplier or 1.0, max_grad_norm=cfg.max_grad_norm,
-            poisson_sampling=True, grad_sample_mode="hooks" if native else cfg.grad_sample_mode,
+            poisson_sampling=not by_subject,
+            grad_sample_mode="hooks" if native else cfg.grad_sample_mode,
             noise_generator=torch.Generator().manual_seed(random_seed(cfg, 1)))
-        self.sample_rate = float(loader.sample_rate)
+        self.sample_rate = float(getattr(loader, "sample_rate", None)
+                                 or loader.batch_sampler.sample_rate)
         self.accountant_sample_rate = 1.0 / len(loader)
         if cfg.target_epsilon is not None:
             optimizer.noise_multiplier = calibrate_noise(
                 cfg.target_epsilon, self.accountant_sample_rate, cfg.epochs * len(loader),
                 cfg.delta, cfg.accountant)
         self.noise_multiplier = optimizer.noise_multiplier
+        # the update is divided by the expected number of units, as Opacus computes it for
+        # samples (the same value in B-scan mode)
+        optimizer.expected_batch_size = int(self.n_units * self.sample_rate)
         if native:   # Opacus's hooks, with dpstudy's convolution sampler
             use_native_conv_grad_sample(model)
         self.optimizer = optimizer

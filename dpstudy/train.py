@@ -216,6 +216,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         "normalisation": norm_record, "randomness": cfg.randomness,
         "private": method.private, "sample_rate": method.sample_rate,
         "accountant_sample_rate": getattr(method, "accountant_sample_rate", None),
+        "privacy_unit": cfg.privacy_unit if method.private else None, "n_units": method.n_units,
         "noise_multiplier": method.noise_multiplier,
         "diagnostics_not_covered_by_epsilon": list(DIAGNOSTIC_FIELDS) if method.private else [],
         "delta": cfg.delta if method.private else None, "accountant": cfg.accountant,

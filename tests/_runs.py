@@ -108,15 +108,17 @@ def write_run(root: Path, run_id: str, status: str = "completed", epochs: int = 
     return run_dir
 
 
-def make_duke(root: Path, n_train: int = 4, n_val: int = 2, shape=(40, 36)) -> Path:
-    """A valid prepared-Duke folder of small B-scans (labels are horizontal bands 0..9)."""
+def make_duke(root: Path, n_train: int = 4, n_val: int = 2, shape=(40, 36),
+              scans: int = 1) -> Path:
+    """A valid prepared-Duke folder of small B-scans (labels are horizontal bands 0..9):
+    ``n_train``/``n_val`` subjects of ``scans`` B-scans each."""
     rng = np.random.default_rng(0)
     bands = (np.arange(shape[0]) * 10 // shape[0]).astype(np.uint8)
     for split, n in (("train", n_train), ("val", n_val)):
         for kind in ("images", "masks"):
             (Path(root) / split / kind).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            name = f"Subject_{i + 1:02d}_00.npy"
+        for i, k in ((i, k) for i in range(n) for k in range(scans)):
+            name = f"Subject_{i + 1:02d}_{k:02d}.npy"
             np.save(Path(root) / split / "images" / name,
                     rng.integers(0, 256, shape, dtype=np.uint8))
             np.save(Path(root) / split / "masks" / name,

@@ -7,9 +7,11 @@ The three private methods differ only in
 * whether a random mask zeroes coordinates of every per-sample gradient *before* its
   norm is taken (Random Sparsification), and of the noise.
 
-With augmentation multiplicity K (De et al. 2022) the batch holds K augmented copies of
-each sample, adjacent; their gradients are averaged into the sample's one gradient
-before anything else, so each sample is still clipped once and the sensitivity is C.
+Clipping acts on privacy units, not on rows of the batch. A unit's rows are adjacent:
+with augmentation multiplicity K (De et al. 2022) the K augmented copies of a sample;
+with ``privacy_unit=subject`` the copies of all B-scans of one subject (McMahan et al.
+2018). The unit's gradient is the sum over its samples of the mean over each sample's
+copies, and it is clipped once, so the sensitivity per unit is C whatever its size.
 
 Everything else — gradient accumulation across physical batches, noise generation,
 division by the expected batch size, the accountant's step hook — is Opacus's.
@@ -18,6 +20,7 @@ division by the expected batch size, the accountant's step hook — is Opacus's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from opacus.optimizers.optimizer import (
@@ -41,7 +44,8 @@ class StudyDPOptimizer(DPOptimizer):
     def __init__(self, optimizer, *, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: int, clip_fn: str = "abadi", gamma: float = 0.01,
                  per_layer: bool = False, sparsifier: Sparsifier | None = None,
-                 aug_multiplicity: int = 1, **kwargs):
+                 aug_multiplicity: int = 1,
+                 unit_sizes: Callable[[], Sequence[int]] | None = None, **kwargs):
         super().__init__(optimizer, noise_multiplier=noise_multiplier,
                          max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, **kwargs)
@@ -50,22 +54,37 @@ class StudyDPOptimizer(DPOptimizer):
         self.per_layer = per_layer
         self.sparsifier = sparsifier
         self.aug_multiplicity = aug_multiplicity
+        self.unit_sizes = unit_sizes    # samples per unit of the current batch; None: 1 each
         # every one of the L parameter tensors gets the same bound, C/√L
         self.block_bound = max_grad_norm / math.sqrt(len(self.params))
-        self.norm_log: list[torch.Tensor] = []      # per-sample total norms (pre-clip)
-        self.clipped_log: list[torch.Tensor] = []   # per-sample: was any block scaled down
+        self.norm_log: list[torch.Tensor] = []      # per-unit total norms (pre-clip)
+        self.clipped_log: list[torch.Tensor] = []   # per-unit: was any block scaled down
 
     @property
     def _masks(self) -> list[torch.Tensor] | None:
         return self.sparsifier.masks if self.sparsifier is not None else None
 
+    def _unit_rows(self, rows: int) -> torch.Tensor:
+        """Rows of the batch that make up each unit, in order."""
+        k = self.aug_multiplicity
+        if self.unit_sizes is None:
+            return torch.full((rows // k,), k)
+        sizes = torch.tensor(list(self.unit_sizes()), dtype=torch.long) * k
+        if int(sizes.sum()) != rows:
+            raise RuntimeError(f"the batch has {rows} per-sample gradients but its units "
+                               f"account for {int(sizes.sum())}: units and batch out of step")
+        return sizes
+
     def clip_and_accumulate(self):
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-        k, masks = self.aug_multiplicity, self._masks
+        masks = self._masks
         grads = [self._get_flat_grad_sample(p).to(p.dtype) for p in self.params]
-        if k > 1:
-            grads = [g.reshape(len(g) // k, k, *g.shape[1:]).mean(1) for g in grads]
+        sizes = self._unit_rows(len(grads[0]))
+        if bool((sizes != 1).any()):
+            unit = torch.repeat_interleave(torch.arange(len(sizes)), sizes).to(grads[0].device)
+            grads = [g.new_zeros(len(sizes), *g.shape[1:]).index_add_(0, unit, g)
+                     / self.aug_multiplicity for g in grads]
         if masks is not None:
             grads = [g * m.to(g) for g, m in zip(grads, masks)]
         block_norms = torch.stack([g.flatten(1).norm(2, dim=-1) for g in grads], dim=1)
@@ -95,7 +114,7 @@ class StudyDPOptimizer(DPOptimizer):
             _mark_as_processed(p.summed_grad)
 
     def pop_grad_stats(self) -> dict[str, float]:
-        """Median per-sample gradient norm and fraction clipped since the last call.
+        """Median per-unit gradient norm and fraction clipped since the last call.
 
         Diagnostics computed from private gradients without noise: not covered by ε.
         Automatic Clipping rescales every sample, so "clipped" has no meaning there (NaN).
