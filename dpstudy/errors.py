@@ -32,3 +32,8 @@ class RunCompleted(StoreError):
 
 class Cancelled(Exception):
     """SIGTERM or SIGINT stopped a run; what was done is saved with status ``cancelled``."""
+
+
+class Diverged(DPStudyError):
+    """Training produced a non-finite loss (e.g. a learning rate far too large); the run
+    ends as failed with this reason and a sweep goes on."""

@@ -26,12 +26,14 @@ from .data.holdout import split_holdout
 from .data.source import load_data
 from .averaging import WeightAverage
 from .data.transforms import augment, normalisation_stats
-from .errors import Cancelled, ConfigError, DataError
+from .data.units import group_by_unit
+from .errors import Cancelled, ConfigError, DataError, Diverged
 from .evaluate import evaluate, starting_model, unwrap
 from .losses import per_sample_loss
 from .methods import build_method, random_seed
 from .models import count_parameters
 from .models.trainable import set_trainable
+from .privacy.accounting import group_privacy
 from .store import DIAGNOSTIC_FIELDS, RunStore, RunWriter
 
 
@@ -223,9 +225,12 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         "lr": cfg.effective_lr, "n_params": count_parameters(model),
         "steps": 0, "epsilon": 0.0 if method.private else None, "epochs_done": 0,
         "versions": package_versions()}, keep_completed=keep_completed)
+    unit = "subject" if cfg.privacy_unit == "subject" else "B-scan"
     if method.private:
         log(f"noise multiplier σ={method.noise_multiplier:.4g}, sample rate "
-            f"q={method.sample_rate:.4g}, δ={cfg.delta:g}")
+            f"q={method.sample_rate:.4g}, δ={cfg.delta:g}; (ε, δ) is {unit}-level: it "
+            f"protects one {unit} of the training split")
+    per_subject = max((len(g) for g in group_by_unit(train_ds.names)), default=1)
     steps, aug_generator = 0, torch.Generator().manual_seed(random_seed(cfg, 3))
     try:
         with _cancel_on_signals():
@@ -235,6 +240,10 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                                                        after_step, epoch, cfg, progress,
                                                        aug_generator)
                 steps += epoch_steps
+                if not math.isfinite(train_loss):
+                    raise Diverged(f"training diverged in epoch {epoch + 1}: the training loss "
+                                   f"is {train_loss} (learning rate {cfg.effective_lr:g} too "
+                                   f"large?)")
                 stats = method.epoch_stats()
                 seconds = time.perf_counter() - t0
                 metrics, native = (evaluate(released, val_ds, cfg.dice_weight) if len(val_ds)
@@ -248,9 +257,9 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                        "epoch_seconds": seconds}
                 writer.append_history(row)
                 writer.update(epochs_done=epoch + 1, steps=row["steps"],
-                              epsilon=None if math.isnan(row["epsilon"]) else row["epsilon"])
+                              **_privacy_record(cfg, row["epsilon"], per_subject))
                 if progress:
-                    tqdm.write(_summary(row))
+                    tqdm.write(_summary(row, unit))
             writer.save_checkpoint(unwrap(released).state_dict())
             if len(val_ds):  # the last epoch's predictions are the final model's
                 writer.save_predictions("val", val_ds.names, val_ds.native_images,
@@ -266,10 +275,22 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     return writer.dir
 
 
-def _summary(row: dict) -> str:
+def _privacy_record(cfg: RunConfig, eps: float, per_subject: int) -> dict:
+    """ε so far, and what it implies for one patient: the same ε for a subject-level run;
+    for a B-scan-level run group privacy over the most B-scans any training subject has
+    (δ = 1 means the bound says nothing about a whole patient)."""
+    if math.isnan(eps):
+        return {"epsilon": None}
+    k = 1 if cfg.privacy_unit == "subject" else per_subject
+    subject_eps, subject_delta = group_privacy(eps, cfg.delta, k)
+    return {"epsilon": eps, "scans_per_subject": per_subject, "subject_epsilon": subject_eps,
+            "subject_delta": subject_delta}
+
+
+def _summary(row: dict, unit: str) -> str:
     parts = [f"epoch {row['epoch']}", f"loss {row['train_loss']:.4f}"]
     if "val_dice_fg_mean" in row:
         parts.append(f"val Dice(fg) {row['val_dice_fg_mean']:.4f}")
     if not math.isnan(row["epsilon"]):
-        parts.append(f"ε {row['epsilon']:.3g}")
+        parts.append(f"ε({unit}) {row['epsilon']:.3g}")
     return "  ".join(parts)

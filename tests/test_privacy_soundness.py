@@ -16,11 +16,12 @@ from dpstudy.averaging import WeightAverage
 from dpstudy.config import RunConfig
 from dpstudy.data.sample import Sample
 from dpstudy.data.transforms import image_stats
-from dpstudy.errors import ConfigError, DataError
+from dpstudy.errors import ConfigError, DataError, Diverged
 from dpstudy.losses import per_sample_loss
 from dpstudy.methods import build_method
 from dpstudy.models import build_model
 from dpstudy.models.trainable import set_trainable
+from dpstudy.privacy.accounting import group_privacy
 from dpstudy.store import DIAGNOSTIC_FIELDS, RunStore
 from dpstudy.train import _normalisation, train
 
@@ -176,3 +177,24 @@ def test_fluid_weight_scales_the_cross_entropy_of_fluid_pixels_only():
     base = per_sample_loss(logits, target, dice_weight=0.0)
     assert torch.allclose(per_sample_loss(logits, target, 0.0, fluid_weight=4.0), ce)
     assert not torch.allclose(ce, base)
+
+
+def test_epsilon_is_recorded_with_what_it_implies_for_a_patient(tmp_path):
+    cfg = RunConfig(**TINY, method="dp_sgd", noise_multiplier=1.0)
+    meta = json.loads((train(cfg, tmp_path, progress=False, log=quiet) / "config.json").read_text())
+    k = meta["scans_per_subject"]
+    assert k == 1                                 # every phantom scan is its own subject
+    assert (meta["subject_epsilon"], meta["subject_delta"]) == group_privacy(
+        meta["epsilon"], cfg.delta, k)
+    lines = []
+    train(cfg.replace(seed=1), tmp_path, progress=False, log=lines.append)
+    assert any("(ε, δ) is B-scan-level: it protects one B-scan" in line for line in lines)
+
+
+def test_a_diverging_run_fails_with_the_reason_after_one_epoch(tmp_path):
+    cfg = RunConfig(**{**TINY, "epochs": 3}, optimizer="sgd", lr=1e30)
+    with pytest.raises(Diverged, match="training diverged in epoch 1"):
+        train(cfg, tmp_path, progress=False, log=quiet)
+    meta = RunStore(tmp_path).read_meta(cfg.run_id())
+    assert meta["status"] == "failed" and "diverged" in meta["error"]
+    assert meta["epochs_done"] == 0
