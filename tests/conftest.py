@@ -21,9 +21,11 @@ def _main_module_restored():
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch):
-    """Tests never pick up a user's data or run-store settings by accident."""
+    """Tests never pick up a user's data or run-store settings by accident, nor write
+    the phantom cache into the home folder."""
     monkeypatch.delenv("DPSTUDY_DATA", raising=False)
     monkeypatch.delenv("DPSTUDY_RUNS", raising=False)
+    monkeypatch.setenv("DPSTUDY_CACHE", "off")
 
 
 @pytest.fixture(scope="session")
