@@ -93,3 +93,15 @@ def segmentation_metrics(
     pooled = confusions.sum(axis=0)
     metrics["pixel_accuracy"] = float(np.trace(pooled) / pooled.sum())
     return metrics
+
+
+def dice_by_group(preds: list[np.ndarray], targets: list[np.ndarray], groups: list[str],
+                  n_classes: int = N_CLASSES) -> dict[str, float]:
+    """Foreground mean Dice of each group of images (e.g. each patient), so a result can
+    be read per patient rather than only pooled over patients."""
+    out = {}
+    for g in dict.fromkeys(groups):
+        idx = [i for i, name in enumerate(groups) if name == g]
+        out[g] = segmentation_metrics([preds[i] for i in idx], [targets[i] for i in idx],
+                                      n_classes)["dice_fg_mean"]
+    return out

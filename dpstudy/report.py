@@ -60,7 +60,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     for col in (*SPREAD, "epsilon", "mia_reference_auc"):
         runs[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs else np.nan
     keys = [c for c in CONFIG_COLUMNS if c in runs]
-    metrics = [c for c in runs if c.startswith(("val_", "train_"))
+    # train_* columns are diagnostics (computed without noise), not published results
+    metrics = [c for c in runs if c.startswith("val_")
                or c in ("epsilon", "mia_auc", "mia_reference_auc", "duration_s")]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     summary = grouped[metrics].mean()
@@ -107,6 +108,11 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     for title, metric in (("Dice (fg)", "val_dice_fg_mean"), ("Dice (all)", "val_dice_all_mean"),
                           ("MIA AUC", "mia_auc")):
         table[title] = [_mean_spread(m, sd) for m, sd in zip(s[metric], s[SPREAD[metric]])]
+    if "val_dice_fluid" in s:
+        table["fluid Dice"] = s["val_dice_fluid"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    for col in [c for c in s if c.startswith("val_dice_fg_Subject")]:   # per patient
+        table[f"Dice (fg) {col.removeprefix('val_dice_fg_')}"] = s[col].map(
+            lambda v: "" if pd.isna(v) else f"{v:.3f}")
     if s["mia_reference_auc"].notna().any():
         table["MIA AUC at start"] = s["mia_reference_auc"].map(
             lambda v: "" if pd.isna(v) else f"{v:.3f}")

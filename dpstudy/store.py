@@ -205,6 +205,8 @@ class RunStore:
             row["mia_auc"] = audit.get("auc")
             row["mia_same_subjects"] = audit.get("same_subjects")
             row["mia_reference_auc"] = audit.get("reference_auc")
+            for subject, dice in (meta.get("val_dice_fg_by_subject") or {}).items():
+                row[f"val_dice_fg_{subject}"] = dice
             if len(hist):
                 last = hist.iloc[-1]
                 for col in hist.columns:

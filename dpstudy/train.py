@@ -26,10 +26,11 @@ from .data.holdout import split_holdout
 from .data.source import load_data
 from .averaging import WeightAverage
 from .data.transforms import augment, normalisation_stats
-from .data.units import group_by_unit
+from .data.units import group_by_unit, unit_of
 from .errors import Cancelled, ConfigError, DataError, Diverged
 from .evaluate import evaluate, starting_model, unwrap
 from .losses import per_sample_loss
+from .metrics import dice_by_group
 from .methods import build_method, random_seed
 from .models import count_parameters
 from .models.trainable import set_trainable
@@ -230,7 +231,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         log(f"noise multiplier σ={method.noise_multiplier:.4g}, sample rate "
             f"q={method.sample_rate:.4g}, δ={cfg.delta:g}; (ε, δ) is {unit}-level: it "
             f"protects one {unit} of the training split")
-    per_subject = max((len(g) for g in group_by_unit(train_ds.names)), default=1)
+    per_subject = _scans_per_subject(train_ds.names)
     steps, aug_generator = 0, torch.Generator().manual_seed(random_seed(cfg, 3))
     try:
         with _cancel_on_signals():
@@ -264,6 +265,10 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
             if len(val_ds):  # the last epoch's predictions are the final model's
                 writer.save_predictions("val", val_ds.names, val_ds.native_images,
                                         val_ds.native_masks, native)
+                subjects = [_subject_or_none(n) for n in val_ds.names]
+                if None not in subjects and len(set(subjects)) < len(subjects):
+                    writer.update(val_dice_fg_by_subject=dice_by_group(
+                        native, val_ds.native_masks, subjects))
             writer.finish("completed")
     except (Cancelled, KeyboardInterrupt) as exc:
         writer.finish("cancelled", f"cancelled by {exc or 'SIGINT'} after "
@@ -275,13 +280,29 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     return writer.dir
 
 
-def _privacy_record(cfg: RunConfig, eps: float, per_subject: int) -> dict:
+def _subject_or_none(name: str) -> str | None:
+    try:
+        return unit_of(name)
+    except DataError:
+        return None
+
+
+def _scans_per_subject(names: list[str]) -> int | None:
+    """The most B-scans one training subject contributes (None: names do not tell)."""
+    if any(_subject_or_none(n) is None for n in names):
+        return None
+    return max((len(g) for g in group_by_unit(names)), default=1)
+
+
+def _privacy_record(cfg: RunConfig, eps: float, per_subject: int | None) -> dict:
     """ε so far, and what it implies for one patient: the same ε for a subject-level run;
     for a B-scan-level run group privacy over the most B-scans any training subject has
     (δ = 1 means the bound says nothing about a whole patient)."""
     if math.isnan(eps):
         return {"epsilon": None}
     k = 1 if cfg.privacy_unit == "subject" else per_subject
+    if k is None:
+        return {"epsilon": eps, "scans_per_subject": None}
     subject_eps, subject_delta = group_privacy(eps, cfg.delta, k)
     return {"epsilon": eps, "scans_per_subject": per_subject, "subject_epsilon": subject_eps,
             "subject_delta": subject_delta}

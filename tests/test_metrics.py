@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dpstudy.classes import CLASS_SLUGS
-from dpstudy.metrics import confusion_matrix, dice_per_class, per_image_dice, segmentation_metrics
+from dpstudy.metrics import confusion_matrix, dice_per_class, per_image_dice, segmentation_metrics, dice_by_group
 
 # Image 1: background, NFL, GCL-IPL, INL and fluid in the target; INL and fluid missed.
 T1 = np.array([[0, 0, 0, 0], [1, 1, 1, 1], [2, 2, 3, 3], [8, 8, 0, 0]])
@@ -93,3 +93,12 @@ def test_labels_out_of_range_or_non_integer_rejected():
         confusion_matrix(P1 + 7, T1)
     with pytest.raises(ValueError, match="integers"):
         confusion_matrix(P1.astype(float), T1)
+
+
+def test_dice_by_group_scores_each_patient_on_its_own_images():
+    t = np.zeros((4, 4), np.uint8)
+    t[:2] = 1
+    perfect, wrong = t.copy(), np.zeros_like(t)
+    wrong[2:] = 1                                     # predicts class 1 where it is absent
+    out = dice_by_group([perfect, perfect, wrong], [t, t, t], ["S_07", "S_07", "S_08"])
+    assert out == {"S_07": 1.0, "S_08": 0.0}
