@@ -40,7 +40,7 @@ from .store import DIAGNOSTIC_FIELDS, RunStore, RunWriter
 
 def package_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    for pkg in ("dpstudy", "torch", "opacus", "numpy"):
+    for pkg in ("dpstudy", "torch", "opacus", "numpy", "dp-accounting"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[pkg] = metadata.version(pkg)
     return versions
