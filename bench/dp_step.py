@@ -1,11 +1,14 @@
 """Per-step cost of each DP method relative to non-private training, in one process.
 
 Every variant (model × method × grad-sample mode × memory format) trains on the same
-fixed batch on the same machine, and the variants take turns round by round, so a
-change in machine load hits all of them alike and the ratios to the non-private
-baseline stay meaningful on a shared CPU. Each step is split by timers into forward,
-backward (per-sample gradients are computed here, by hooks or functorch), clip
-(per-sample norms, clip factors, masked sum), noise and update (the optimizer step).
+fixed batch on the same device, and the variants take turns round by round, so a
+change in machine load hits all of them alike and the ratios stay meaningful on a
+shared machine. A DP variant's ratio is against the *fastest* non-private variant of
+the same model (over memory formats). Each step is split by timers into forward,
+backward (per-sample gradients or their ghost-norm inputs are formed here), clip
+(per-sample norms, clip factors, clipped sum), noise and update (the optimizer step);
+``peak_mb`` is the memory one training step adds (CPU: peak resident set of a forked
+process over the state before the step; CUDA: ``torch.cuda.max_memory_allocated``).
 
     python bench/dp_step.py --quick                 # < 1 min, smoke check
     python bench/dp_step.py --out results/bench     # the measurement (see README.md)
@@ -18,6 +21,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +31,8 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from dpstudy.config import DP_METHODS, GRAD_SAMPLE_MODES, MODELS, RunConfig
+from dpstudy.config import DEVICES, DP_METHODS, GRAD_SAMPLE_MODES, MODELS, RunConfig
+from dpstudy.device import describe, resolve_device
 from dpstudy.losses import per_sample_loss
 from dpstudy.methods import build_method
 from dpstudy.models import build_model
@@ -37,6 +43,7 @@ PHASES = ("forward", "backward", "clip", "noise", "update")
 #: variants. ``threads`` is what one training run gets (all cores with --jobs 1).
 FULL = dict(base_width=16, depth=4, image_size=128, batch_size=8, rounds=10, steps=2, warmup=2,
             threads=os.cpu_count() or 1)
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 QUICK = dict(base_width=8, depth=2, image_size=64, batch_size=4, rounds=3, steps=1, warmup=1,
              threads=1)
 
@@ -46,7 +53,7 @@ class Variant:
     model_name: str
     method: str
     mode: str | None          # grad-sample mode; None for the non-private baseline
-    channels_last: bool
+    memory_format: str        # a key of FORMATS
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     times: dict[str, list[float]] = field(
@@ -56,26 +63,32 @@ class Variant:
     def timed(self, phase: str, fn):
         """Wrap an optimizer method so its time is booked to ``phase`` of this step."""
         def wrapper(*args, **kwargs):
-            t0 = time.perf_counter()
+            t0 = now()
             out = fn(*args, **kwargs)
-            self.pending[phase] = self.pending.get(phase, 0.0) + time.perf_counter() - t0
+            self.pending[phase] = self.pending.get(phase, 0.0) + now() - t0
             return out
         return wrapper
 
 
-def build_variant(model_name, method, mode, channels_last, x, y, args) -> Variant:
+def now() -> float:
+    """A clock reading after the device has finished the work queued so far."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def build_variant(model_name, method, mode, memory_format, x, y, args) -> Variant:
     cfg = RunConfig(model=model_name, method=method, base_width=args.base_width, depth=args.depth,
                     image_size=(args.image_size, args.image_size), batch_size=args.batch_size,
                     epochs=1, noise_multiplier=None if method == "non_dp" else 1.0,
                     grad_sample_mode=mode or "hooks")
-    model = build_model(model_name, cfg.base_width, cfg.depth)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(model_name, cfg.base_width, cfg.depth).to(
+        args.device, memory_format=FORMATS[memory_format])
     strategy = build_method(cfg)
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
     model, optimizer, _ = strategy.attach(model, _optimizer(cfg, model), loader)
     strategy.before_step(0, 0, 1)        # Random Sparsification: draw the (final) mask
-    v = Variant(model_name, method, mode, channels_last, model, optimizer)
+    v = Variant(model_name, method, mode, memory_format, model, optimizer)
     if strategy.private:
         optimizer.clip_and_accumulate = v.timed("clip", optimizer.clip_and_accumulate)
         optimizer.add_noise = v.timed("noise", optimizer.add_noise)
@@ -85,13 +98,13 @@ def build_variant(model_name, method, mode, channels_last, x, y, args) -> Varian
 def train_step(v: Variant, x, y, record: bool) -> None:
     v.optimizer.zero_grad(set_to_none=True)
     v.pending = {}
-    t0 = time.perf_counter()
+    t0 = now()
     losses = per_sample_loss(v.model(x), y)
-    t1 = time.perf_counter()
+    t1 = now()
     (losses.sum() / len(losses)).backward()
-    t2 = time.perf_counter()
+    t2 = now()
     v.optimizer.step()
-    t3 = time.perf_counter()
+    t3 = now()
     if record:
         clip, noise = v.pending.get("clip", 0.0), v.pending.get("noise", 0.0)
         for phase, seconds in zip((*PHASES, "total"),
@@ -99,59 +112,123 @@ def train_step(v: Variant, x, y, record: bool) -> None:
             v.times[phase].append(seconds)
 
 
-def run(args) -> pd.DataFrame:
+def _rss_kb(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in kB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_mb(v: Variant, x, y) -> float:
+    """Memory one (warm) training step of ``v`` adds at its peak, in MB.
+
+    CUDA: from the caching allocator's statistics. CPU: growth of the peak resident set
+    (reset through /proc/self/clear_refs) — meaningful only in a process whose malloc
+    returns freed blocks to the system (:data:`MALLOC_ENV`, see :func:`cpu_peaks`).
+    """
+    train_step(v, x, y, record=False)
+    v.optimizer.zero_grad(set_to_none=True)      # the last step's per-sample gradients go
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        train_step(v, x, y, record=False)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _rss_kb("VmRSS")
+    train_step(v, x, y, record=False)
+    return (_rss_kb("VmHWM") - before) / 1024
+
+
+#: glibc: every block ≥ 64 kB its own mapping, returned when freed, so the resident set
+#: follows what is allocated. Slower, so only the memory pass runs under it.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def cpu_peaks(argv: list[str]) -> list[float]:
+    """:func:`peak_memory_mb` of every variant, measured in a child process under
+    :data:`MALLOC_ENV` (before the timing, so the two never compete)."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--memory-only"], check=True,
+                         env={**os.environ, **MALLOC_ENV}, capture_output=True, text=True)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def with_ratios(df: pd.DataFrame) -> pd.DataFrame:
+    """``ratio``: step time over the fastest non-private step of the same model (any
+    memory format), the baseline a DP method has to match."""
+    fastest = df[df["method"] == "non_dp"].groupby("model")["total_ms"].min()
+    return df.assign(ratio=df["total_ms"] / df["model"].map(fastest))
+
+
+def run(args, argv: list[str]) -> pd.DataFrame:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     n, size = args.batch_size, args.image_size
     x_all, y_all = torch.randn(4 * n, 1, size, size), torch.randint(0, 9, (4 * n, size, size))
-    formats = (False, True) if args.channels_last else (False,)
     variants = []
     for model_name in args.models:
-        for cl in formats:
-            variants.append(build_variant(model_name, "non_dp", None, cl, x_all, y_all, args))
-            variants += [build_variant(model_name, m, mode, cl, x_all, y_all, args)
+        for fmt in args.formats:
+            variants.append(build_variant(model_name, "non_dp", None, fmt, x_all, y_all, args))
+            variants += [build_variant(model_name, m, mode, fmt, x_all, y_all, args)
                          for mode in args.modes for m in DP_METHODS]
-    batch = {cl: (x_all[:n].contiguous(memory_format=torch.channels_last) if cl else x_all[:n],
-                  y_all[:n]) for cl in formats}
+    batch = {fmt: (x_all[:n].to(args.device).contiguous(memory_format=FORMATS[fmt]),
+                   y_all[:n].to(args.device)) for fmt in args.formats}
+    if args.memory_only or args.device.type == "cuda":
+        peaks = [peak_memory_mb(v, *batch[v.memory_format]) for v in variants]
+        if args.memory_only:
+            print(json.dumps(peaks))
+            return pd.DataFrame()
+    else:
+        peaks = cpu_peaks(argv)
     for r in range(args.rounds + 1):            # round 0 only warms up
         for v in variants:
             for _ in range(args.warmup if r == 0 else args.steps):
-                train_step(v, *batch[v.channels_last], record=r > 0)
-    rows = [{"model": v.model_name,
-             "memory_format": "channels_last" if v.channels_last else "contiguous",
+                train_step(v, *batch[v.memory_format], record=r > 0)
+    rows = [{"model": v.model_name, "memory_format": v.memory_format,
              "method": v.method, "grad_sample_mode": v.mode or "-",
-             **{f"{p}_ms": 1e3 * statistics.median(v.times[p]) for p in (*PHASES, "total")}}
-            for v in variants]
-    df = pd.DataFrame(rows)
-    base = df[df["method"] == "non_dp"].set_index(["model", "memory_format"])["total_ms"]
-    df["ratio"] = df["total_ms"] / [base[(m, f)] for m, f in zip(df["model"], df["memory_format"])]
-    return df
+             **{f"{p}_ms": 1e3 * statistics.median(v.times[p]) for p in (*PHASES, "total")},
+             "peak_mb": peak}
+            for v, peak in zip(variants, peaks)]
+    return with_ratios(pd.DataFrame(rows))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (< 1 min)")
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    p.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES, default=list(GRAD_SAMPLE_MODES))
-    p.add_argument("--channels-last", action="store_true", help="also time channels-last models")
+    p.add_argument("--modes", nargs="+", choices=GRAD_SAMPLE_MODES,
+                   default=["native_conv", "ghost_mixed"],
+                   help="grad-sample modes (default: dpstudy's two; Opacus's hooks and "
+                        "functorch were slower in every measurement, README Speed)")
+    p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+                   help="memory formats to time (default both)")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     for name, value in FULL.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
                        help=f"default {value} ({QUICK[name]} with --quick)")
     p.add_argument("--out", type=Path, default=None, help="folder for dp_step.json and dp_step.csv")
+    argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    args.device = resolve_device(args.device)
     t0 = time.perf_counter()
-    df = run(args)
+    df = run(args, [a for a in argv if a != "--memory-only"])
+    if args.memory_only:
+        return
     print(df.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    print(f"\n{time.perf_counter() - t0:.0f} s; ratio = step time / non-private step time of the "
-          f"same model and memory format, measured in this run")
+    print(f"\n{time.perf_counter() - t0:.0f} s on {describe(args.device)['device']}; ratio = "
+          f"step time / the fastest non-private step time of the same model, in this run")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        settings = {k: (str(v) if isinstance(v, (Path, torch.device)) else v)
+                    for k, v in vars(args).items()}
         meta = {"settings": settings, "machine": platform.platform(),
-                "processor": platform.processor(),
+                "processor": platform.processor(), "device": describe(args.device)["device"],
                 "versions": package_versions()}
         (args.out / "dp_step.json").write_text(json.dumps(
             {**meta, "results": df.to_dict(orient="records")}, indent=2) + "\n")

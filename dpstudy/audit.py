@@ -26,6 +26,7 @@ from scipy.stats import rankdata
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
+from .device import model_device, place_images, place_model, resolve_device
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
 from .evaluate import load_trained, starting_model, stored_dataset
@@ -114,12 +115,14 @@ def sample_losses(model: torch.nn.Module, dataset: SegmentationDataset, dice_wei
                   batch_size: int = 8) -> np.ndarray:
     """Per-sample training loss of every image, model in eval mode."""
     model.eval()
-    return torch.cat([per_sample_loss(model(dataset.x[i:i + batch_size]),
-                                      dataset.y[i:i + batch_size], dice_weight)
-                      for i in range(0, len(dataset), batch_size)]).numpy()
+    device = model_device(model)
+    return torch.cat([per_sample_loss(model(place_images(dataset.x[i:i + batch_size], device)),
+                                      dataset.y[i:i + batch_size].to(device), dice_weight)
+                      for i in range(0, len(dataset), batch_size)]).cpu().numpy()
 
 
-def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED) -> dict:
+def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED,
+              device: str = "auto") -> dict:
     """Audit a completed run and store the result under ``"audit"`` in its config.json.
 
     Members are exactly the images the run trained on (same data, same ``limit``, same
@@ -133,6 +136,7 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
         raise StoreError(f"run {run_id} is {meta.get('status')}; only completed runs are "
                          f"audited")
     meta, cfg, model = load_trained(store, run_id, meta)
+    model = place_model(model, resolve_device(device))
     bundle = load_data(meta["data"]["spec"], cfg.limit)
     if bundle.fingerprint != meta["data"]["fingerprint"]:
         raise DataError(f"{bundle.spec}: data fingerprint {bundle.fingerprint} differs from the "
@@ -154,7 +158,7 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
 
     with torch.random.fork_rng():    # the fresh weights of a run seeded like this one
         torch.manual_seed(cfg.seed)
-        start = starting_model(store, cfg)
+        start = place_model(starting_model(store, cfg), model_device(model))
     reference = (f"run {cfg.init_from}" if cfg.init_from
                  else f"random initialisation (seed {cfg.seed})")
     result = {"attack": "loss-threshold", "member_split": "train",

@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, GRAD_SAMPLE_MODES,
+from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, DEVICES, GRAD_SAMPLE_MODES,
                      LR_SCHEDULES, METHODS, MODELS, NORMALISATIONS, OPTIMIZERS, PRIVACY_UNITS,
                      RANDOMNESS,
                      TRAINABLE, RunConfig)
@@ -37,7 +37,10 @@ COMMON = {
     "randomness": ("--randomness", RANDOMNESS),
     "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
     "fluid_weight": ("--fluid-weight", float),
+    "device": ("--device", DEVICES),
 }
+DEVICE_HELP = ("where to compute: auto (CUDA, else MPS, else CPU; default), cpu, cuda or "
+               "mps; not part of the run id")
 HELP = {
     "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
     "clip_fn": "random_sparsification only: abadi (flat C) or automatic clipping",
@@ -51,8 +54,10 @@ HELP = {
     "batch_size": "batch size (DP runs: expected, Poisson sampling with q = 1/⌈N/B⌉); "
                   "with --privacy-unit subject it counts subjects, not B-scans",
     "grad_sample_mode": "per-sample gradients: native_conv (default; Opacus hooks with "
-                        "PyTorch's own conv backward per sample, fastest on CPU), hooks or "
-                        "functorch (Opacus's)",
+                        "PyTorch's own conv backward per sample), ghost_mixed (book-keeping: "
+                        "no batch weight gradient, ghost norms where cheaper; see README "
+                        "Speed), hooks or functorch (Opacus's)",
+    "device": DEVICE_HELP,
     "max_physical_batch": "split Poisson batches with Opacus's BatchMemoryManager",
     "lr": "learning rate (default per method and optimizer, see README)",
     "limit": "cap images per split (smoke runs)",
@@ -137,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None)
     p.add_argument("--runs-dir", type=Path, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("runs", help="the run table")
     p.add_argument("--runs-dir", type=Path, default=None)
@@ -150,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="audit again runs that have an audit")
     p.add_argument("--runs-dir", type=Path, default=None)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser("report", help="summary tables and figures of a run store")
     p.add_argument("runs_dir", type=Path, metavar="RUNS_DIR")
@@ -213,7 +220,7 @@ def cmd_sweep(args) -> None:
 def cmd_evaluate(args) -> None:
     from .evaluate import evaluate_run
     runs_dir = args.runs_dir or default_runs_dir()
-    metrics = evaluate_run(runs_dir, Path(args.run).name, args.data, args.split)
+    metrics = evaluate_run(runs_dir, Path(args.run).name, args.data, args.split, args.device)
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -244,7 +251,7 @@ def cmd_audit(args) -> None:
     failed = 0
     for run_id in run_ids:
         try:
-            result = audit_run(runs_dir, run_id)
+            result = audit_run(runs_dir, run_id, device=args.device)
         except DPStudyError as exc:
             if args.run:
                 raise

@@ -21,7 +21,8 @@ CLIPPING_STYLES = ("flat", "per_layer")
 CLIP_FUNCTIONS = ("abadi", "automatic")
 OPTIMIZERS = ("adam", "sgd")
 ACCOUNTANTS = ("rdp", "prv", "pld")
-GRAD_SAMPLE_MODES = ("hooks", "functorch", "native_conv")
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "native_conv", "ghost_mixed")
+DEVICES = ("auto", "cpu", "cuda", "mps")
 LR_SCHEDULES = ("constant", "cosine")
 #: ``per_image``: each image standardised by its own pixels (nothing learned from the
 #: training split, so nothing escapes ε); ``train_split``: the split's mean/std, which
@@ -64,10 +65,11 @@ DEFAULT_LR = {
 #: statistics escaped ε), so new runs hash it and old ones keep their ids.
 HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "normalisation": "train_split",
                          "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0,
-                         "privacy_unit": "bscan"}
+                         "privacy_unit": "bscan", "device": "auto"}
 #: Fields that never enter the hash: how the randomness was drawn does not make another
-#: experiment, and an os_entropy run cannot be reproduced from its config anyway.
-HASH_EXCLUDED = ("randomness",)
+#: experiment, and an os_entropy run cannot be reproduced from its config anyway; the
+#: device is where a run computes, not what (config.json records the one it ran on).
+HASH_EXCLUDED = ("randomness", "device")
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class RunConfig:
     init_from: str | None = None    # run id of a completed run whose weights start training
     seed: int = 0
     randomness: str = "seeded"
+    device: str = "auto"            # auto | cpu | cuda | mps; not part of the run id
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", tuple(int(v) for v in self.image_size))
@@ -199,6 +202,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.normalisation, NORMALISATIONS, "normalisation")
     _choice(cfg.randomness, RANDOMNESS, "randomness")
     _choice(cfg.trainable, TRAINABLE, "trainable")
+    _choice(cfg.device, DEVICES, "device")
     for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -15,6 +15,7 @@ from .config import RunConfig
 from .data.dataset import SegmentationDataset
 from .data.source import load_data
 from .data.transforms import logits_to_native
+from .device import model_device, place_images, place_model, resolve_device
 from .errors import DataError
 from .losses import per_sample_loss
 from .metrics import segmentation_metrics
@@ -34,10 +35,11 @@ def predict(model: nn.Module, dataset: SegmentationDataset, dice_weight: float =
     net = unwrap(model)
     was_training = net.training
     net.eval()
+    device = model_device(net)
     losses, native, work = [], [], []
     for start in range(0, len(dataset), batch_size):
         idx = range(start, min(start + batch_size, len(dataset)))
-        logits = net(dataset.x[idx.start:idx.stop])
+        logits = net(place_images(dataset.x[idx.start:idx.stop], device)).cpu()
         y = dataset.y[idx.start:idx.stop]
         losses.append(per_sample_loss(logits, y, dice_weight))
         work.extend(logits.argmax(1).to(torch.uint8).numpy())
@@ -91,9 +93,11 @@ def stored_dataset(samples, cfg: RunConfig, meta: dict) -> SegmentationDataset:
     return SegmentationDataset(samples, cfg.image_size, stats)
 
 
-def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val") -> dict:
+def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val",
+                 device: str = "auto") -> dict:
     """Metrics of a stored run's final checkpoint on any split of any data."""
     meta, cfg, model = load_trained(RunStore(runs_dir), run_id)
+    model = place_model(model, resolve_device(device))
     bundle = load_data(data or meta["data"]["spec"])
     if split not in bundle.splits:
         raise DataError(f"{bundle.spec}: no {split!r} split (available: {sorted(bundle.splits)})")

@@ -19,8 +19,10 @@ from opacus import PrivacyEngine
 from .config import RunConfig
 from .data.units import unit_loader
 from .errors import ConfigError
+from .device import model_device
 from .privacy.accounting import calibrate_noise
 from .privacy.conv_grad_sample import use_native_conv_grad_sample
+from .privacy.ghost import BookKeepingDPOptimizer, BookKeepingModule
 from .privacy.optimizer import StudyDPOptimizer
 from .privacy.sparsification import Sparsifier
 
@@ -61,20 +63,28 @@ class NonPrivate:
 
 
 class _StudyPrivacyEngine(PrivacyEngine):
-    """PrivacyEngine whose optimizer is always :class:`StudyDPOptimizer`."""
+    """PrivacyEngine whose optimizer is always :class:`StudyDPOptimizer` (with
+    ``bookkeeping``: the model is a :class:`BookKeepingModule` and the optimizer its
+    :class:`BookKeepingDPOptimizer`, see :mod:`dpstudy.privacy.ghost`)."""
 
-    def __init__(self, optimizer_kwargs: dict, accountant: str):
+    def __init__(self, optimizer_kwargs: dict, accountant: str, bookkeeping: bool = False):
         super().__init__(accountant=accountant)
         self._optimizer_kwargs = optimizer_kwargs
+        self._bookkeeping = bookkeeping
+
+    def _prepare_model(self, module, **kwargs):
+        if not self._bookkeeping:
+            return super()._prepare_model(module, **kwargs)
+        self.validate(module=module, optimizer=None, data_loader=None)
+        return BookKeepingModule(module, kwargs.get("loss_reduction", "mean"))
 
     def _prepare_optimizer(self, *, optimizer, noise_multiplier, max_grad_norm,
                            expected_batch_size, loss_reduction="mean", noise_generator=None,
                            **_ignored):
-        return StudyDPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                                max_grad_norm=max_grad_norm,
-                                expected_batch_size=expected_batch_size,
-                                loss_reduction=loss_reduction, generator=noise_generator,
-                                **self._optimizer_kwargs)
+        cls = BookKeepingDPOptimizer if self._bookkeeping else StudyDPOptimizer
+        return cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                   expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+                   generator=noise_generator, **self._optimizer_kwargs)
 
 
 class Private(NonPrivate):
@@ -109,14 +119,15 @@ class Private(NonPrivate):
                                   f" (N = {self.n_units} training subjects)")
         else:
             self.n_units = len(loader.dataset)
-        native = cfg.grad_sample_mode == "native_conv"
-        self.engine = _StudyPrivacyEngine(self._optimizer_kwargs(model), cfg.accountant)
+        ours = cfg.grad_sample_mode in ("native_conv", "ghost_mixed")  # not Opacus's modes
+        self.engine = _StudyPrivacyEngine(self._optimizer_kwargs(model), cfg.accountant,
+                                          bookkeeping=cfg.grad_sample_mode == "ghost_mixed")
         model, optimizer, loader = self.engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader,
             noise_multiplier=cfg.noise_multiplier or 1.0, max_grad_norm=cfg.max_grad_norm,
             poisson_sampling=not by_subject,
-            grad_sample_mode="hooks" if native else cfg.grad_sample_mode,
-            noise_generator=torch.Generator().manual_seed(random_seed(cfg, 1)))
+            grad_sample_mode="hooks" if ours else cfg.grad_sample_mode,
+            noise_generator=torch.Generator(model_device(model)).manual_seed(random_seed(cfg, 1)))
         self.sample_rate = float(getattr(loader, "sample_rate", None)
                                  or loader.batch_sampler.sample_rate)
         self.accountant_sample_rate = 1.0 / len(loader)
@@ -128,7 +139,7 @@ class Private(NonPrivate):
         # the update is divided by the expected number of units, as Opacus computes it for
         # samples (the same value in B-scan mode)
         optimizer.expected_batch_size = int(self.n_units * self.sample_rate)
-        if native:   # Opacus's hooks, with dpstudy's convolution sampler
+        if cfg.grad_sample_mode == "native_conv":   # Opacus's hooks, dpstudy's conv sampler
             use_native_conv_grad_sample(model)
         self.optimizer = optimizer
         return model, optimizer, loader
@@ -159,7 +170,8 @@ class RandomSparsification(Private):
     def _optimizer_kwargs(self, model) -> dict:
         shapes = [p.shape for p in model.parameters() if p.requires_grad]
         self.sparsifier = Sparsifier(shapes, self.cfg.final_rate, self.cfg.refresh,
-                                     self.cfg.epochs, seed=random_seed(self.cfg, 2))
+                                     self.cfg.epochs, seed=random_seed(self.cfg, 2),
+                                     device=model_device(model))
         return {**super()._optimizer_kwargs(model), "sparsifier": self.sparsifier}
 
     def before_step(self, epoch, step, steps_per_epoch):

@@ -128,13 +128,23 @@ def _phases(configs: list[RunConfig]) -> list[list[RunConfig]]:
     return [waves[k] for k in sorted(waves)]
 
 
-def _train_one(cfg_dict: dict, runs_dir: str, threads: int) -> dict:
+def _use_gpu(slot: int, device: str) -> None:
+    """Put a CUDA run on GPU ``slot`` mod the GPUs this worker sees: with ``--jobs`` equal
+    to the number of GPUs, one run per GPU (a Dask worker started per GPU with its own
+    ``CUDA_VISIBLE_DEVICES`` sees one, so every run there uses it)."""
+    import torch
+    if device in ("auto", "cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(slot % torch.cuda.device_count())
+
+
+def _train_one(cfg_dict: dict, runs_dir: str, threads: int, slot: int = 0) -> dict:
     """Worker: train one run; errors become a status, so one bad run never stops a sweep."""
     import torch
 
     from .train import train
     torch.set_num_threads(threads)
     cfg = RunConfig.from_dict(cfg_dict)
+    _use_gpu(slot, cfg.device)
     run_id = cfg.run_id()
     try:
         train(cfg, runs_dir, progress=False, log=lambda *_: None, keep_completed=True)
@@ -163,8 +173,8 @@ def run_sweep(configs: list[RunConfig], runs_dir: Path | str, jobs: int = 1,
     threads = max(1, (os.cpu_count() or 1) // max(jobs, 1))
     verbose = 10 if progress else 0
     for wave in _phases(todo):
-        tasks = (joblib.delayed(_train_one)(c.to_dict(), str(Path(runs_dir).resolve()), threads)
-                 for c in wave)
+        tasks = (joblib.delayed(_train_one)(c.to_dict(), str(Path(runs_dir).resolve()), threads,
+                                            slot) for slot, c in enumerate(wave))
         if scheduler:
             from distributed import Client
             with Client(scheduler), joblib.parallel_config(backend="dask"):

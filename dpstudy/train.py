@@ -27,6 +27,7 @@ from .data.source import load_data
 from .averaging import WeightAverage
 from .data.transforms import augment, normalisation_stats
 from .data.units import group_by_unit, unit_of
+from .device import describe, model_device, place_images, place_model, resolve_device
 from .errors import Cancelled, ConfigError, DataError, Diverged
 from .evaluate import evaluate, starting_model, unwrap
 from .losses import per_sample_loss
@@ -145,13 +146,15 @@ def _train_epoch(model, optimizer, loader, method, after_step, epoch, cfg, progr
                 method.before_step(epoch, step, steps_per_epoch)
             if cfg.augment:
                 x, y = _augmented(x, y, cfg.aug_multiplicity, aug_generator)
+            device = model_device(model)
+            x, y = place_images(x, device), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             if len(x) == 0 and method.private:
                 # An empty Poisson batch must still take its (noise-only) step for the
                 # accounting to hold; functorch cannot backpropagate a batch of 0, so
                 # its (empty) per-sample gradients are given directly.
                 for p in optimizer.params:
-                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
                 losses = torch.zeros(0)
             else:
                 losses = per_sample_loss(model(x), y, cfg.dice_weight, cfg.fluid_weight)
@@ -175,6 +178,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     """
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
+    device = resolve_device(cfg.device)
     bundle = load_data(cfg.data, cfg.limit)
     if "train" not in bundle.splits:
         raise DataError(f"{bundle.spec}: no train split; training needs train/images and "
@@ -182,7 +186,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     train_samples, held_out = split_holdout(bundle.splits["train"], cfg.audit_holdout)
     val_samples = bundle.splits.get("val", [])
     _check_against_data(cfg, len(train_samples))
-    log(f"data: {bundle.describe()}")
+    log(f"data: {bundle.describe()}; device: {describe(device)['device']}")
 
     stats, norm_record = _normalisation(cfg, train_samples)
     train_ds = SegmentationDataset(train_samples, cfg.image_size, stats)
@@ -193,7 +197,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     store = RunStore(runs_dir)
     if cfg.init_from:
         _check_init_source(cfg, store)
-    model = starting_model(store, cfg)
+    model = place_model(starting_model(store, cfg), device)
     set_trainable(model, cfg.trainable)
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     method = build_method(cfg)
@@ -224,6 +228,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         "diagnostics_not_covered_by_epsilon": list(DIAGNOSTIC_FIELDS) if method.private else [],
         "delta": cfg.delta if method.private else None, "accountant": cfg.accountant,
         "lr": cfg.effective_lr, "n_params": count_parameters(model),
+        **describe(device),
         "steps": 0, "epsilon": 0.0 if method.private else None, "epochs_done": 0,
         "versions": package_versions()}, keep_completed=keep_completed)
     unit = "subject" if cfg.privacy_unit == "subject" else "B-scan"
@@ -261,7 +266,8 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                               **_privacy_record(cfg, row["epsilon"], per_subject))
                 if progress:
                     tqdm.write(_summary(row, unit))
-            writer.save_checkpoint(unwrap(released).state_dict())
+            writer.save_checkpoint({k: v.detach().to("cpu", memory_format=torch.contiguous_format)
+                                    for k, v in unwrap(released).state_dict().items()})
             if len(val_ds):  # the last epoch's predictions are the final model's
                 writer.save_predictions("val", val_ds.names, val_ds.native_images,
                                         val_ds.native_masks, native)

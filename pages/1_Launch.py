@@ -11,7 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from dpstudy import launcher
-from dpstudy.config import CLIPPING_STYLES, METHODS, MODELS, RunConfig
+from dpstudy.config import CLIPPING_STYLES, DEVICES, METHODS, MODELS, RunConfig
 from dpstudy.errors import DPStudyError
 from dpstudy.sweep import expand_grid
 from dpstudy.ui import page_config, runs, store
@@ -53,6 +53,8 @@ def _shared_fields() -> None:
     st.radio("data", ["synthetic", "folder"], horizontal=True, key="source",
              help="synthetic: the built-in OCT phantom; folder: prepared Duke data")
     st.text_input("data folder", key="data_path", placeholder="data/DukeData")
+    st.selectbox("device", DEVICES, key="device",
+                 help="auto: CUDA if present, else MPS, else CPU (not part of the run id)")
 
 
 def _collect_shared() -> dict:
@@ -63,7 +65,8 @@ def _collect_shared() -> dict:
             "refresh": s.refresh, "epochs": s.epochs, "batch_size": s.batch_size,
             "lr": s.lr or None, "image_size": (s.height, s.width),
             "base_width": s.base_width, "depth": s.depth, "limit": s.limit,
-            "data": "synthetic" if s.source == "synthetic" else s.data_path.strip()}
+            "data": "synthetic" if s.source == "synthetic" else s.data_path.strip(),
+            "device": s.device}
 
 
 def _single() -> tuple[list[str], str]:

@@ -179,7 +179,7 @@ def test_poisson_loader_samples_at_the_recorded_rate_with_variable_and_empty_bat
     assert dp.engine.accountant.history == [(1.0, q, 1)]
 
 
-@pytest.mark.parametrize("mode", ["hooks", "functorch", "native_conv"])
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "native_conv", "ghost_mixed"])
 def test_the_training_loop_takes_a_noise_only_step_on_an_empty_batch(mode):
     """P(empty) = (1-q)^N is 1/16 per step for batch 2 of 4, 0.13 for batch 2 of Duke's 66."""
     cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, image_size=(16, 16), base_width=8,

@@ -7,6 +7,10 @@ native (oneDNN) weight gradient of *one* sample takes ≈ 0.5 ms. Running the na
 kernel once per sample gives the same per-sample gradients (up to float32 summation
 order) several times faster. Registered per model instance, never globally, so plain
 ``hooks`` mode stays Opacus's own implementation for comparison.
+
+On a GPU one kernel launch per sample is the slow part instead, so there the batch is
+folded into the channels and the per-sample gradients come from *one* grouped
+convolution backward (groups × batch): :data:`PER_SAMPLE_CONV` chooses by device.
 """
 
 from __future__ import annotations
@@ -14,6 +18,37 @@ from __future__ import annotations
 import torch
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
+
+#: How per-sample convolution weight gradients are formed, by device type: ``loop`` (one
+#: native weight gradient per sample) or ``grouped`` (one grouped convolution backward
+#: for the whole batch). CPU: measured (bench/README.md); CUDA: the batched form, as
+#: one launch per sample per layer is what a GPU is slow at — not yet measured.
+PER_SAMPLE_CONV = {"cpu": "loop", "cuda": "grouped", "mps": "loop"}
+
+
+def _weight_grad(layer: nn.Conv2d, x, backprops, weight, groups: int) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
+        backprops, x, weight, None, list(layer.stride), list(layer.padding),
+        list(layer.dilation), False, [0, 0], groups, [False, True, False])[1]
+
+
+def per_sample_conv_weight_grad(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor,
+                                method: str | None = None) -> torch.Tensor:
+    """``[B, *layer.weight.shape]``: sample i's gradient of ``layer.weight``, given the
+    layer's input ``x`` and the loss gradient ``backprops`` of its output.
+    ``method`` (``loop`` | ``grouped``) defaults to :data:`PER_SAMPLE_CONV` of x's device."""
+    method = method or PER_SAMPLE_CONV.get(x.device.type, "loop")
+    w = layer.weight
+    if method == "loop":
+        return torch.stack([_weight_grad(layer, x[i:i + 1], backprops[i:i + 1], w, layer.groups)
+                            for i in range(len(x))])
+    if method == "grouped":
+        n = len(x)
+        folded = _weight_grad(layer, x.reshape(1, -1, *x.shape[2:]),
+                              backprops.reshape(1, -1, *backprops.shape[2:]),
+                              w.repeat(n, 1, 1, 1), layer.groups * n)
+        return folded.view(n, *w.shape)
+    raise ValueError(f"unknown per-sample convolution method {method!r}")
 
 
 def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
@@ -24,12 +59,7 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
         return compute_conv_grad_sample(layer, activations, backprops)  # rare cases: Opacus
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = torch.stack([
-            torch.ops.aten.convolution_backward(
-                backprops[i:i + 1], x[i:i + 1], layer.weight, None, list(layer.stride),
-                list(layer.padding), list(layer.dilation), False, [0, 0], layer.groups,
-                [False, True, False])[1]
-            for i in range(len(x))])
+        out[layer.weight] = per_sample_conv_weight_grad(layer, x, backprops)
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.sum(dim=(2, 3))
     return out

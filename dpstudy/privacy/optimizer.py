@@ -88,6 +88,15 @@ class StudyDPOptimizer(DPOptimizer):
         if masks is not None:
             grads = [g * m.to(g) for g, m in zip(grads, masks)]
         block_norms = torch.stack([g.flatten(1).norm(2, dim=-1) for g in grads], dim=1)
+        factors = self.clip_factors(block_norms)
+        for i, (p, g) in enumerate(zip(self.params, grads)):
+            summed = torch.einsum("i,i...", factors[:, i], g)
+            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
+            _mark_as_processed(p.grad_sample)
+
+    def clip_factors(self, block_norms: torch.Tensor) -> torch.Tensor:
+        """[B, L] clip factors from [B, L] per-sample norms of the L parameter tensors
+        (flat: one factor per sample from the total norm); logs the norms and clipping."""
         total = block_norms.norm(2, dim=1)
         if self.per_layer:
             factors = clip_factor(self.clip_fn, block_norms, self.block_bound, self.gamma)
@@ -96,10 +105,7 @@ class StudyDPOptimizer(DPOptimizer):
             factors = factors[:, None].expand_as(block_norms)
         self.norm_log.append(total.detach())
         self.clipped_log.append((factors < 1.0).any(dim=1).detach())
-        for i, (p, g) in enumerate(zip(self.params, grads)):
-            summed = torch.einsum("i,i...", factors[:, i], g)
-            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
-            _mark_as_processed(p.grad_sample)
+        return factors
 
     def add_noise(self):
         masks = self._masks

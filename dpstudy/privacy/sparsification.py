@@ -47,15 +47,19 @@ def draw_masks(shapes: list[torch.Size], rate: float, generator: torch.Generator
 
 
 class Sparsifier:
-    """Holds the current masks; the DP optimizer multiplies gradients and noise by them."""
+    """Holds the current masks; the DP optimizer multiplies gradients and noise by them.
+
+    Masks are drawn on the CPU (the same masks for a seed on every device) and moved to
+    ``device`` once per refresh, not once per step."""
 
     def __init__(self, shapes: list[torch.Size], final_rate: float, refresh: int, epochs: int,
-                 seed: int):
+                 seed: int, device: torch.device | str = "cpu"):
         self.shapes = list(shapes)
         self.final_rate = final_rate
         self.refresh = refresh
         self.epochs = epochs
         self.generator = torch.Generator().manual_seed(seed)
+        self.device = torch.device(device)
         self.rate = 0.0
         self.masks: list[torch.Tensor] | None = None
 
@@ -65,4 +69,5 @@ class Sparsifier:
         if step in starts:
             k = starts.index(step)
             self.rate = cooling_rate(self.final_rate, epoch, k, self.refresh, self.epochs)
-            self.masks = draw_masks(self.shapes, self.rate, self.generator)
+            self.masks = [m.to(self.device) for m in
+                          draw_masks(self.shapes, self.rate, self.generator)]

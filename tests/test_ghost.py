@@ -1,0 +1,211 @@
+"""Book-keeping with mixed ghost norms (dpstudy/privacy/ghost.py) against first principles.
+
+A per-sample gradient is the gradient of one sample's loss alone, so every reference
+here comes from single-sample backward passes through the plain model; the clipped,
+noised update is compared parameter by parameter with :class:`StudyDPOptimizer` fed
+those gradients, at the same noise seed.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from dpstudy.errors import ConfigError
+from dpstudy.losses import per_sample_loss
+from dpstudy.models import build_model
+from dpstudy.privacy.conv_grad_sample import per_sample_conv_weight_grad
+from dpstudy.privacy.ghost import (BookKeepingDPOptimizer, BookKeepingModule, GhostConvWeight,
+                                   ghost_norm_is_cheaper)
+from dpstudy.privacy.optimizer import StudyDPOptimizer
+from dpstudy.privacy.sparsification import Sparsifier
+
+CONVS = {
+    "3x3, no bias": dict(in_channels=3, out_channels=5, kernel_size=3, padding=1, bias=False),
+    "3x3, bias": dict(in_channels=3, out_channels=5, kernel_size=3, padding=1),
+    "1x1 head": dict(in_channels=4, out_channels=9, kernel_size=1),
+    "stride 2, dilation 2": dict(in_channels=2, out_channels=3, kernel_size=3, stride=2,
+                                 dilation=2, padding=2),
+    "3x5, stride 2, uneven padding": dict(in_channels=4, out_channels=6, kernel_size=(3, 5),
+                                          stride=2, padding=(0, 2), bias=False),
+}
+
+
+def _single_sample_grads(model, x, y):
+    """[B, ...] per parameter: the gradient of each sample's loss, one backward each."""
+    rows = []
+    for i in range(len(x)):
+        model.zero_grad()
+        per_sample_loss(model(x[i:i + 1]), y[i:i + 1]).sum().backward()
+        rows.append([p.grad.clone() for p in model.parameters()])
+    return [torch.stack(r) for r in zip(*rows)]
+
+
+def _batch(n=4, size=16, channels=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, channels, size, size, generator=g), torch.randint(0, 9, (n, size, size),
+                                                                            generator=g)
+
+
+@pytest.mark.parametrize("kwargs", CONVS.values(), ids=CONVS.keys())
+def test_ghost_norm_and_weighted_sum_equal_materialised_per_sample_gradients(kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(**kwargs)
+    x = torch.randn(3, kwargs["in_channels"], 9, 9)
+    out = conv(x)
+    grad_out = torch.randn_like(out)
+    per_sample = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * grad_out[i:i + 1]).sum(),
+                                                  conv.weight)[0] for i in range(3)])
+    ghost = GhostConvWeight(conv, x, grad_out, scale=1.0)
+    assert torch.allclose(ghost.norms(), per_sample.flatten(1).norm(dim=1), rtol=1e-4)
+    c = torch.tensor([0.3, -1.2, 2.0])
+    assert torch.allclose(ghost.weighted_sum(c), torch.einsum("i,i...", c, per_sample),
+                          atol=1e-5)
+    assert torch.allclose(ghost.materialise(), per_sample, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["loop", "grouped"])
+@pytest.mark.parametrize("kwargs", [*CONVS.values(), dict(in_channels=4, out_channels=6,
+                                                          kernel_size=3, padding=1, groups=2)],
+                         ids=[*CONVS, "groups 2"])
+def test_per_sample_conv_weight_grad_methods_equal_single_sample_backward(kwargs, method):
+    torch.manual_seed(1)
+    conv = nn.Conv2d(**kwargs)
+    x = torch.randn(3, kwargs["in_channels"], 8, 8)
+    grad_out = torch.randn_like(conv(x))
+    expected = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * grad_out[i:i + 1]).sum(),
+                                                conv.weight)[0] for i in range(3)])
+    ours = per_sample_conv_weight_grad(conv, x, grad_out, method)
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+def test_cost_rule_puts_ghost_norms_on_deep_layers_only():
+    # U-Net at 128², width 16: top level (T = 128², d = 144, p = 16) and level 3
+    # (T = 16², d = 1152, p = 128) materialised, deepest level (T = 8², d = 1152, p = 256)
+    # by its ghost norm: T²(d+p) is a third of T·d·p there
+    assert not ghost_norm_is_cheaper(128 * 128, 16 * 9, 16)
+    assert not ghost_norm_is_cheaper(16 * 16, 128 * 9, 128)
+    assert ghost_norm_is_cheaper(8 * 8, 128 * 9, 256)
+
+
+def _wrapped_pair(model_name, channels_last=False, **opt_kwargs):
+    """(BookKeepingModule + its optimizer, plain model copy + StudyDPOptimizer). Width 16,
+    depth 2 at 16²: the 4×4 level goes by ghost norms, the others are materialised."""
+    torch.manual_seed(0)
+    model = build_model(model_name, base_width=16, depth=2)
+    reference = copy.deepcopy(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = BookKeepingModule(model)
+
+    def optimizer(cls, params, seed=7):
+        return cls(torch.optim.SGD(params, lr=0.1), expected_batch_size=4,
+                   generator=torch.Generator().manual_seed(seed), **opt_kwargs)
+    return (wrapped, optimizer(BookKeepingDPOptimizer, wrapped.parameters()),
+            reference, optimizer(StudyDPOptimizer, reference.parameters()))
+
+
+CLIPPING = {
+    "dp_sgd flat": dict(clip_fn="abadi"),
+    "dp_sgd per layer": dict(clip_fn="abadi", per_layer=True),
+    "auto_clip": dict(clip_fn="automatic", gamma=0.01),
+    "auto_clip per layer": dict(clip_fn="automatic", per_layer=True),
+}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("clipping", CLIPPING.values(), ids=CLIPPING.keys())
+@pytest.mark.parametrize("model_name", ["unet", "nested_unet"])
+def test_clipped_noised_update_equals_materialised_path_layer_by_layer(model_name, clipping,
+                                                                       channels_last):
+    x, y = _batch()
+    kwargs = dict(noise_multiplier=0.5, max_grad_norm=0.05, **clipping)
+    wrapped, opt, reference, ref_opt = _wrapped_pair(model_name, channels_last, **kwargs)
+    per_sample_loss(wrapped(x), y).mean().backward()
+    # book-keeping: no batch weight gradient is formed, and the deep convolutions are
+    # clipped by their ghost norms (the test would not cover them otherwise)
+    assert all(p.grad is None for p in wrapped.parameters())
+    assert any(getattr(p, "ghost_grad", None) is not None for p in wrapped.parameters())
+    assert any(getattr(p, "ghost_grad", None) is None and p.dim() == 4
+               for p in wrapped.parameters())
+    for p, g in zip(reference.parameters(), _single_sample_grads(reference, x, y)):
+        p.grad_sample = g
+    opt.pre_step()
+    ref_opt.pre_step()
+    assert torch.allclose(torch.cat(opt.norm_log), torch.cat(ref_opt.norm_log), rtol=1e-4)
+    assert torch.equal(torch.cat(opt.clipped_log), torch.cat(ref_opt.clipped_log))
+    names = [n for n, _ in reference.named_parameters()]
+    for name, p, q in zip(names, wrapped.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("model_name", ["unet", "nested_unet"])
+def test_random_sparsification_falls_back_to_materialised_gradients(model_name):
+    """The mask acts on each per-sample gradient before its norm: no ghost norms."""
+    x, y = _batch()
+    sparsifiers = [Sparsifier([p.shape for p in build_model(model_name, 16, 2).parameters()],
+                              final_rate=0.7, refresh=1, epochs=1, seed=3) for _ in range(2)]
+    for s in sparsifiers:
+        s.maybe_refresh(0, 0, 1)
+    wrapped, opt, reference, ref_opt = _wrapped_pair(model_name, noise_multiplier=0.5,
+                                                     max_grad_norm=0.05)
+    opt.sparsifier, ref_opt.sparsifier = sparsifiers
+    per_sample_loss(wrapped(x), y).mean().backward()
+    for p, g in zip(reference.parameters(), _single_sample_grads(reference, x, y)):
+        p.grad_sample = g
+    opt.pre_step()
+    ref_opt.pre_step()
+    for p, q, m in zip(wrapped.parameters(), reference.parameters(), sparsifiers[0].masks):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+        assert (p.grad[m == 0] == 0).all()
+
+
+def test_augmentation_multiplicity_falls_back_and_averages_copies_first():
+    x, y = _batch(n=2)
+    x, y = x.repeat_interleave(2, 0) + 0.1 * torch.randn(4, 1, 16, 16), y.repeat_interleave(2, 0)
+    wrapped, opt, reference, ref_opt = _wrapped_pair("unet", noise_multiplier=0.5,
+                                                     max_grad_norm=0.05, aug_multiplicity=2)
+    per_sample_loss(wrapped(x), y).mean().backward()
+    for p, g in zip(reference.parameters(), _single_sample_grads(reference, x, y)):
+        p.grad_sample = g
+    opt.pre_step()
+    ref_opt.pre_step()
+    for p, q in zip(wrapped.parameters(), reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_noise_only_step_of_an_empty_batch_uses_the_given_empty_gradients():
+    wrapped, opt, reference, ref_opt = _wrapped_pair("unet", noise_multiplier=1.0,
+                                                     max_grad_norm=1.0)
+    for o, model in ((opt, wrapped), (ref_opt, reference)):
+        for p in model.parameters():
+            p.grad_sample = torch.zeros((0, *p.shape))
+        o.pre_step()
+    for p, q in zip(wrapped.parameters(), reference.parameters()):
+        assert torch.equal(p.grad, q.grad) and p.grad.abs().sum() > 0
+
+
+def test_second_backward_before_the_step_is_refused():
+    x, y = _batch()
+    wrapped, opt, _, _ = _wrapped_pair("unet", noise_multiplier=1.0, max_grad_norm=1.0)
+    per_sample_loss(wrapped(x), y).mean().backward()
+    with pytest.raises(RuntimeError, match="second backward"):
+        per_sample_loss(wrapped(x), y).mean().backward()
+    opt.zero_grad()
+    per_sample_loss(wrapped(x), y).mean().backward()      # after zero_grad it is fine
+
+
+def test_evaluation_under_no_grad_is_the_plain_model():
+    x, _ = _batch()
+    wrapped, *_ , reference, _ = _wrapped_pair("nested_unet", noise_multiplier=1.0,
+                                               max_grad_norm=1.0)
+    with torch.no_grad():
+        assert torch.allclose(wrapped(x), reference(x), atol=1e-5)
+        assert all(getattr(p, "grad_sample", None) is None for p in wrapped.parameters())
+
+
+def test_a_layer_without_a_book_keeping_rule_is_refused_by_name():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ConfigError, match=r"layer '2' \(Linear\)"):
+        BookKeepingModule(model)
