@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from dpstudy.config import RunConfig
 from dpstudy.store import RunStore
-from dpstudy.sweep import expand_grid, load_profile, run_sweep
+from dpstudy.sweep import PROFILES_DIR, expand_grid, load_profile, run_sweep
 
 BASE = dict(data="synthetic", limit=4, image_size=(32, 32), base_width=8, depth=2, epochs=1,
             batch_size=2)
@@ -33,12 +32,44 @@ def test_grid_gives_one_run_per_privacy_point_and_none_for_non_dp():
     assert len({c.run_id() for c in configs}) == len(configs)
 
 
-def test_shipped_profiles_parse():
-    for name in ("quick", "paper"):
-        configs, spec = load_profile(name)
-        assert configs and all(isinstance(c, RunConfig) for c in configs)
+#: (grid runs, pretraining runs) of every shipped profile, as its header comment says.
+DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "levers": (15, 1), "audit": (33, 1),
+                   "paper": (162, 2)}
 
 
+def test_every_shipped_profile_expands_to_the_runs_it_documents():
+    assert sorted(p.stem for p in PROFILES_DIR.glob("*.toml")) == sorted(DOCUMENTED_RUNS)
+    grids, ids = {}, {}
+    for name, (runs, pretraining) in DOCUMENTED_RUNS.items():
+        configs, _ = load_profile(name)
+        header = (PROFILES_DIR / f"{name}.toml").read_text().split("\n[base]")[0]
+        assert f"{runs} runs" in header, name
+        pre, grid = configs[:pretraining], configs[pretraining:]
+        assert len(grid) == runs, name
+        # pretraining first: non-private, on the public phantom, the start of every
+        # pretrained run, and of the same architecture
+        assert all(c.method == "non_dp" and c.data == "synthetic" and c.init_from is None
+                   for c in pre), name
+        by_id = {c.run_id(): c for c in pre}
+        starts = {c.init_from for c in grid} - {None}
+        assert starts == set(by_id), name
+        for c in grid:
+            if c.init_from:
+                assert (by_id[c.init_from].model, by_id[c.init_from].base_width,
+                        by_id[c.init_from].depth) == (c.model, c.base_width, c.depth)
+            assert (c.noise_multiplier is None and c.target_epsilon is None) != c.private
+        grids[name], ids[name] = grid, {c.run_id() for c in configs}
+    # runs the profile comments and the README say are shared, so trained once
+    quick_unet_pretraining = "unet-non_dp-nonpriv-4d526eed"     # README, section 4
+    assert quick_unet_pretraining in ids["quick"] & ids["matched"] & ids["levers"] & ids["audit"]
+    assert len(ids["matched"] & ids["quick"]) == 2      # + the non-private seed-0 run
+    baseline = grids["levers"][:3]                     # levers' first grid is matched's
+    assert {(c.method, c.target_epsilon) for c in baseline} == {("auto_clip", 3.0)}
+    assert ids["levers"] & ids["matched"] == {c.run_id() for c in baseline} | {
+        quick_unet_pretraining}
+
+
+@pytest.mark.slow
 def test_completed_runs_are_skipped(tmp_path):
     grid = {"method": ["non_dp", "dp_sgd"], "noise_multiplier": [1.0]}
     first = run_sweep(expand_grid(BASE, grid), tmp_path, progress=False)
@@ -52,6 +83,7 @@ def test_completed_runs_are_skipped(tmp_path):
         assert RunStore(tmp_path).read_meta(run_id)["created"] == t
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_completed_runs(tmp_path):
     args = [sys.executable, "-m", "dpstudy", "sweep", *CLI_BASE, "--epochs", "3",
             "--methods", "non_dp", "dp_sgd", "--noise-multipliers", "1.0", "2.0",
@@ -78,6 +110,7 @@ def test_a_killed_sweep_resumes_without_redoing_completed_runs(tmp_path):
         assert "skipped (completed)" in next(l for l in result.stdout.splitlines() if run_id in l)
 
 
+@pytest.mark.slow
 def test_sweep_on_a_dask_cluster_of_two_worker_processes(tmp_path):
     distributed = pytest.importorskip("distributed")
     configs = expand_grid(BASE, {"method": ["dp_sgd"], "noise_multiplier": [1.0, 2.0]})
