@@ -90,7 +90,7 @@ def test_the_optimizer_sees_each_samples_own_loss_gradient(mode, physical):
         grad_sample_mode=mode, max_physical_batch=physical, max_grad_norm=0.85,
         batch_size=6, epochs=2)
     for epoch in range(cfg.epochs):
-        _train_epoch(model, opt, loader, method, None, epoch, cfg, False, None)
+        _train_epoch(model, opt, loader, method, lambda: None, epoch, cfg, False, None)
         stats = method.epoch_stats()
     assert max(b["size"] for b in rec.batches) >= 2      # a batch loss can scale gradients
     ref = build_model("unet", cfg.base_width, cfg.depth)
@@ -101,7 +101,8 @@ def test_the_optimizer_sees_each_samples_own_loss_gradient(mode, physical):
                 p.copy_(w)
         y = _labels_of(batch["x"], loader.dataset)
         for j in range(batch["size"]):
-            loss = per_sample_loss(ref(batch["x"][j:j + 1]), y[j:j + 1], cfg.dice_weight)[0]
+            loss = per_sample_loss(ref(batch["x"][j:j + 1]), y[j:j + 1], cfg.dice_weight,
+                                   cfg.fluid_weight)[0]
             alone = torch.autograd.grad(loss, list(ref.parameters()))
             for g, seen in zip(alone, batch["grads"]):
                 torch.testing.assert_close(seen[j], g, rtol=1e-4, atol=1e-6)
@@ -127,7 +128,8 @@ def test_physical_batches_add_up_to_the_logical_step_of_the_unsplit_batch():
         cfg, method, model, opt, loader, rec = _private_run(max_physical_batch=physical, **fields)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             opt.original_optimizer, T_max=cfg.epochs * len(loader))
-        results = [_train_epoch(model, opt, loader, method, scheduler, epoch, cfg, False, None)
+        results = [_train_epoch(model, opt, loader, method, scheduler.step, epoch, cfg, False,
+                                None)
                    for epoch in range(cfg.epochs)]
         runs[physical] = dict(results=results, rec=rec, lr=opt.param_groups[0]["lr"],
                               weights=[p.detach().clone() for p in model.parameters()],
