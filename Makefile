@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: setup app test test-fast browser bench clean
+.PHONY: setup app test test-fast browser bench mutate clean
 
 $(STAMP): requirements.txt pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,13 +23,28 @@ app: $(STAMP)
 	$(VENV)/bin/streamlit run streamlit_app.py
 
 test: $(STAMP) browser
-	$(VENV)/bin/pytest
+	CHROMIUM=$(CHROMIUM) $(VENV)/bin/pytest
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -m "not slow"
+
+# Mutation testing of the DP path (README, "Mutation testing"): privacy/, methods.py,
+# losses.py and train.py's step code. Slow (hours on 2 cores): run it before a change to
+# the DP path lands, not in CI. A subset: make mutate MUTANTS='"dpstudy.losses.*"'
+MUTANTS ?= "dpstudy.privacy.*" "dpstudy.methods.*" "dpstudy.losses.*" \
+           "dpstudy.train.x__train_epoch*" "dpstudy.train.x__augmented*"
+DEV_STAMP := $(VENV)/.installed-dev
+
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install -r requirements-dev.txt
+	touch $(DEV_STAMP)
+
+mutate: $(DEV_STAMP)
+	$(VENV)/bin/mutmut run $(MUTMUT_ARGS) $(MUTANTS)
+	$(VENV)/bin/mutmut results
 
 bench: $(STAMP)
 	$(PY) bench/dp_step.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache mutants

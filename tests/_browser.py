@@ -1,6 +1,7 @@
 """Drive the real app in Debian's Chromium: start the server, open pages, take screenshots.
 
-Never a Playwright-downloaded browser: ``/usr/bin/chromium`` (``make browser``).
+Never a Playwright-downloaded browser: Debian's, at ``$CHROMIUM`` (the Makefile passes
+its ``CHROMIUM``; default ``/usr/bin/chromium``, installed by ``make browser``).
 ``DPSTUDY_SCREENSHOTS=1`` makes :func:`screenshot` write ``docs/<name>.png``.
 """
 
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
@@ -37,39 +38,54 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
+    """Wait until ``/_stcore/health`` answers (True) or the server exits (False)."""
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
+                if r.read() == b"ok":
+                    return proc.poll() is None      # ours, not another server's
+        except OSError:
+            time.sleep(0.1)
+    return False
+
+
 @contextlib.contextmanager
-def streamlit_server(runs_dir: Path, log_path: Path, timeout: float = 60):
+def streamlit_server(runs_dir: Path, log_path: Path, timeout: float = 60, attempts: int = 5):
     """``streamlit run`` on a free loopback port with the store at ``runs_dir``; yields
-    the base URL once ``/_stcore/health`` answers, and stops the server by its pid."""
-    port = free_port()
+    the base URL once ``/_stcore/health`` answers, and stops the server by its pid.
+
+    The port is free when :func:`free_port` closes it, but another process may take it
+    before streamlit binds it; streamlit then exits with "Port … is not available" and
+    the server is started again on another port."""
     env = {**os.environ, "DPSTUDY_RUNS": str(runs_dir), "OMP_NUM_THREADS": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
-             "--server.port", str(port), "--server.address", "127.0.0.1",
-             "--server.headless", "true"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    for attempt in range(attempts):
+        port = free_port()
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
+                 "--server.port", str(port), "--server.address", "127.0.0.1",
+                 "--server.headless", "true"],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        if _healthy(proc, url, time.monotonic() + timeout):
+            break
+        _stop(proc)
+        if "is not available" not in log_path.read_text() or attempt == attempts - 1:
+            raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
-            time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextlib.contextmanager
@@ -86,6 +102,8 @@ def chromium_page(outside_requests: list[str], width: int = 1280, height: int = 
             outside_requests.append(route.request.url)
             route.abort()
 
+    if not Path(CHROMIUM).is_file():
+        raise FileNotFoundError(f"CHROMIUM={CHROMIUM} does not exist (make browser installs it)")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

@@ -111,6 +111,7 @@ def fill(at: AppTest, values: dict) -> None:
         match.set_value(value)
 
 
+@pytest.mark.slow
 def test_overview_lists_runs_and_counts(run_store, app_for):
     at = app_for(run_store)
     at.run()
@@ -151,6 +152,7 @@ def test_empty_store_explains_how_to_start(tmp_path, app_for):
     assert at.title[0].value == "Runs"
 
 
+@pytest.mark.slow
 def test_masks_page_shows_image_truth_prediction_and_comparison(run_store, app_for):
     at = run_page(app_for(run_store), MASKS)
     (dp_run,), (np_run,) = run_ids(run_store, "dp_sgd"), run_ids(run_store, "non_dp")
@@ -169,6 +171,7 @@ def test_masks_page_shows_image_truth_prediction_and_comparison(run_store, app_f
     assert set(chart_data(at.get("vega_lite_chart")[0])["run"]) == {dp_run, np_run}
 
 
+@pytest.mark.slow
 def test_frontier_contains_every_dp_run(run_store, app_for):
     at = run_page(app_for(run_store), FRONTIER)
     frontier, by_sigma, by_epochs = at.get("vega_lite_chart")
@@ -182,6 +185,7 @@ def test_frontier_contains_every_dp_run(run_store, app_for):
     assert "val_dice_fluid" in at.get("vega_lite_chart")[0].proto.spec
 
 
+@pytest.mark.slow
 def test_audited_runs_show_their_attack_auc_next_to_epsilon(run_store, tmp_path, app_for):
     from dpstudy.audit import audit_run
     root = tmp_path / "runs"
@@ -198,6 +202,7 @@ def test_audited_runs_show_their_attack_auc_next_to_epsilon(run_store, tmp_path,
     assert table["mia_auc"].isna().sum() == len(table) - len(dp)
 
 
+@pytest.mark.slow
 def test_curves_overlay_runs(run_store, app_for):
     at = run_page(app_for(run_store), CURVES)
     charts = at.get("vega_lite_chart")
@@ -208,6 +213,7 @@ def test_curves_overlay_runs(run_store, app_for):
     assert len(at.get("download_button")) == 5 * 3 + 2
 
 
+@pytest.mark.slow
 def test_broken_and_interrupted_runs_never_break_a_page(run_store, tmp_path, app_for):
     root = tmp_path / "runs"
     shutil.copytree(run_store, root)
@@ -261,6 +267,7 @@ def launches(launched, monkeypatch):
     return launched
 
 
+@pytest.mark.slow
 def test_form_starts_a_real_training(launches):
     at, store = launches["at"], RunStore(launches["root"])
     assert launches["tiny"]["argv"][1:4] == ["-m", "dpstudy", "train"]
@@ -272,6 +279,7 @@ def test_form_starts_a_real_training(launches):
                          for e in at.expander), at, 10)
 
 
+@pytest.mark.slow
 def test_shell_metacharacters_reach_the_trainer_as_one_argument(launches):
     assert f"--data={launches['path']}" in launches["shell"]["argv"]
     shell_id = launches["shell"]["id"]
@@ -286,6 +294,7 @@ def test_shell_metacharacters_reach_the_trainer_as_one_argument(launches):
                                     for r in store.run_ids()]
 
 
+@pytest.mark.slow
 def test_cancel_button_stops_a_running_training(launches):
     at, store = launches["at"], RunStore(launches["root"])
     assert "--epochs=500" in launches["long"]["argv"]

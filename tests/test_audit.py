@@ -85,6 +85,7 @@ def run(tmp_path_factory):
     return root, cfg.run_id()
 
 
+@pytest.mark.slow
 def test_audit_is_stored_in_the_run_without_touching_anything_else(run):
     root, run_id = run
     path = root / run_id / "config.json"
@@ -100,6 +101,7 @@ def test_audit_is_stored_in_the_run_without_touching_anything_else(run):
     assert RunStore(root).list_runs().set_index("run_id").loc[run_id, "mia_auc"] == result["auc"]
 
 
+@pytest.mark.slow
 def test_audit_refuses_locked_unfinished_or_changed_runs(run, tmp_path):
     root, run_id = run
     lock = RunLock(root / run_id).acquire()
@@ -123,6 +125,7 @@ def test_audit_refuses_locked_unfinished_or_changed_runs(run, tmp_path):
     assert runs_to_audit(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_cli_audits_all_pending_runs_once(run, capsys):
     root, run_id = run
     rc, out, err = main(capsys, "audit", "--all", "--force", "--runs-dir", str(root))

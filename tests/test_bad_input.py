@@ -334,6 +334,7 @@ def test_cli_errors_are_one_line_and_debug_shows_the_traceback(tmp_path, capsys)
     assert_one_line_error(rc, err, "--split 'train=one': expected NAME=SUBJECTS like train=1-6")
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_a_failing_run_never_destroys_an_earlier_completed_run(tmp_path, monkeypatch):
     store = RunStore(tmp_path / "runs")

@@ -49,6 +49,7 @@ def test_run_lock_refuses_a_second_holder_until_the_first_dies(tmp_path):
     RunLock(tmp_path).acquire().release()
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
 def test_a_run_completed_while_a_sweep_was_deciding_is_not_trained_again(tmp_path,
                                                                          monkeypatch):
@@ -73,6 +74,7 @@ def _sweep_results(stdout: str) -> dict[str, str]:
     return {line[23:].split()[0]: line[:22].strip() for line in stdout.splitlines()}
 
 
+@pytest.mark.slow
 def test_two_sweeps_over_overlapping_grids_train_each_run_once(tmp_path):
     root, data = tmp_path / "runs", make_duke(tmp_path / "duke")
     common = ["sweep", *tiny_args(data), "--epochs", "2", "--noise-multipliers", "1.0", "2.0",

@@ -22,7 +22,7 @@ from dpstudy.train import train
 
 FILES = {"config.json", "history.csv", "model.pt", "predictions.h5", ".lock"}
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]   # real trainings
 
 
 @pytest.fixture
@@ -64,15 +64,23 @@ def test_sigkill_at_random_moments_then_sweep_finishes_the_run(tmp_path, dp_run)
     before = {d.name: snapshot(d) for d in others}
     store, run_dir = RunStore(root), root / cfg.run_id()
     rng = random.Random(1729)
-    outcomes = []
+    outcomes, epoch = [], None
     for _ in range(3):
         proc = start_cli("train", *args, "--method", "dp_sgd", "--noise-multiplier", "1.0",
                          "--quiet", "--force", "--runs-dir", str(root))   # even if it completed
-        after = rng.randrange(3)                # a random moment of a random epoch
+        # A random moment of a random epoch, relative to observed progress, so that a
+        # faster or slower machine moves it along: right after history row n (n = 0:
+        # training has started) plus a random part of one epoch, timed from row 1 to
+        # row 2 in the first attempt (the first epoch also pays one-off start-up costs).
+        rows = 2 if epoch is None else rng.randrange(3)
         try:
             assert wait_for(lambda: _running_as(run_dir, proc.pid)
-                            and history_rows(run_dir) >= after, timeout=120)
-            time.sleep(rng.uniform(0.0, 0.3))
+                            and history_rows(run_dir) >= min(rows, 1), timeout=120)
+            first_row = time.monotonic()
+            assert wait_for(lambda: _running_as(run_dir, proc.pid)
+                            and history_rows(run_dir) >= rows, timeout=120)
+            epoch = epoch or time.monotonic() - first_row
+            time.sleep(rng.uniform(0.0, 0.9) * epoch)
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.communicate()

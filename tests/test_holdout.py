@@ -70,6 +70,7 @@ def test_default_holdout_leaves_stored_run_ids_unchanged():
     assert dataclasses.replace(cfg, randomness="os_entropy").run_id() == cfg.run_id()
 
 
+@pytest.mark.slow
 def test_run_trains_on_members_only_and_audits_against_its_holdout(tmp_path):
     cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, audit_holdout=0.5, **TINY)
     train(cfg, tmp_path, progress=False, log=lambda *_: None)

@@ -87,9 +87,37 @@ def test_reduction_and_validation():
     torch.testing.assert_close(SegmentationLoss(reduction="sum")(logits, target), per_sample.sum())
     with pytest.raises(ConfigError, match="dice_weight"):
         SegmentationLoss(dice_weight=-1)
-    with pytest.raises(ConfigError, match="reduction"):
+    with pytest.raises(ConfigError, match="reduction 'avg' is invalid: use one of mean, sum, none"):
         SegmentationLoss(reduction="avg")
+    for bad in (True, "1", float("nan")):
+        with pytest.raises(ConfigError, match="dice_weight"):
+            per_sample_loss(logits, target, bad)
     with pytest.raises(ValueError, match="target"):
         per_sample_loss(logits, target[:, :4])
     with pytest.raises(ValueError, match="int64"):
         per_sample_loss(logits, target.int())
+
+
+def test_the_module_applies_its_own_dice_weight():
+    logits, target = _batch(5)
+    torch.testing.assert_close(SegmentationLoss(dice_weight=0.25)(logits, target),
+                               per_sample_loss(logits, target, 0.25).mean())
+
+
+def test_a_class_on_a_single_target_pixel_is_scored():
+    """Present in the target on one pixel, predicted nowhere: its Dice term is 1 − 2p/(Σp+1)."""
+    target = torch.zeros(1, 4, 4, dtype=torch.long)
+    target[0, 1, 1] = 3
+    logits = torch.zeros(1, C, 4, 4)
+    logits[:, 0] = 5.0
+    torch.testing.assert_close(per_sample_loss(logits, target), _manual_loss(logits, target, 1.0))
+    dice_term = per_sample_loss(logits, target) - per_sample_loss(logits, target, 0.0)
+    p = torch.softmax(logits[0], 0)[3]
+    torch.testing.assert_close(dice_term[0], 1 - 2 * p[1, 1] / (p.sum() + 1))
+
+
+def test_half_precision_logits_are_summed_in_float32():
+    logits, target = _batch(6, size=64)
+    half = per_sample_loss(logits.half(), target)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, per_sample_loss(logits.half().float(), target))

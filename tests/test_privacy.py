@@ -138,6 +138,40 @@ def test_masks_have_exact_sparsity_and_are_reproducible():
     assert [int((m == 0).sum()) for m in a] == [30, 2]
 
 
+def test_cooling_and_refresh_steps_at_their_edges():
+    """Two masks in the whole run: the first at rate 0, the last at r*. Refresh steps
+    are whole step indices even when the epoch does not split evenly."""
+    assert [cooling_rate(0.9, 0, k, 2, 1) for k in range(2)] == [0.0, 0.9]
+    assert [cooling_rate(0.9, e, 0, 1, 2) for e in range(2)] == [0.0, 0.9]
+    starts = refresh_steps(7, 2)
+    assert starts == [0, 3] and all(type(s) is int for s in starts)
+
+
+def test_sparsifier_masks_come_from_its_own_seed_alone():
+    """The masks are data-independent and reproducible: the global RNG (which data
+    loading and initialisation use) never changes them; another seed does."""
+    shapes = [torch.Size([6, 5]), torch.Size([5])]
+    draws = []
+    for global_seed, seed in [(0, 4), (1, 4), (0, 5)]:
+        torch.manual_seed(global_seed)
+        sp = Sparsifier(shapes, final_rate=0.5, refresh=2, epochs=1, seed=seed)
+        assert sp.masks is None and sp.rate == 0.0      # no mask before the first refresh
+        sp.maybe_refresh(0, 0, 4)
+        sp.maybe_refresh(0, 2, 4)                       # the second mask of the epoch
+        draws.append(sp.masks)
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(draws[0], draws[2]))
+
+
+def test_an_optimizer_clips_unmasked_before_the_first_mask():
+    model = nn.Linear(4, 1, bias=False)
+    sp = Sparsifier([model.weight.shape], final_rate=0.5, refresh=1, epochs=1, seed=0)
+    opt = _optimizer(model, max_grad_norm=1.0, sparsifier=sp)
+    model.weight.grad_sample = torch.full((1, 1, 4), 2.0)
+    opt.clip_and_accumulate()
+    assert torch.allclose(model.weight.summed_grad, torch.full((1, 4), 0.5))
+
+
 def test_noise_has_standard_deviation_sigma_c_over_b_on_a_zero_gradient_model():
     """Through the real make_private path: zero data gradients, so p.grad is pure noise."""
     torch.manual_seed(0)

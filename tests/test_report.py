@@ -68,6 +68,7 @@ def study(tmp_path_factory):
     return root, configs, dp
 
 
+@pytest.mark.slow
 def test_pretraining_runs_come_first_and_finish_before_their_dependents(study):
     root, configs, _ = study
     store = RunStore(root)
@@ -107,6 +108,7 @@ def test_overrides_win_except_the_public_data_of_pretraining(tmp_path):
         load_profile(str(path))
 
 
+@pytest.mark.slow
 def test_summary_has_one_row_per_configuration_with_seed_statistics(study, tmp_path):
     root, configs, dp = study
     write_report(root, tmp_path)
@@ -130,6 +132,7 @@ def test_summary_has_one_row_per_configuration_with_seed_statistics(study, tmp_p
         [RunStore(root).read_meta(r)["audit"]["reference_auc"] for r in dp]))
 
 
+@pytest.mark.slow
 def test_report_writes_tables_figures_and_lists_the_excluded_runs(study, tmp_path, capsys):
     root, _, _ = study
     rc, out, err = main(capsys, "report", str(root), "--out", str(tmp_path))
@@ -159,6 +162,7 @@ def test_report_of_an_empty_store(tmp_path):
     assert "model" in (tmp_path / "out" / "summary.csv").read_text()
 
 
+@pytest.mark.slow
 def test_seeds_are_grouped_by_data_content_not_by_path_spelling(tmp_path, monkeypatch):
     data = make_duke(tmp_path / "duke")
     monkeypatch.chdir(tmp_path)
@@ -174,6 +178,7 @@ def test_seeds_are_grouped_by_data_content_not_by_path_spelling(tmp_path, monkey
     assert len(summarise(RunStore(tmp_path / "runs").list_runs())) == 2
 
 
+@pytest.mark.slow
 def test_report_of_one_profile_lists_its_runs_and_those_not_started(study, tmp_path, capsys):
     root, configs, _ = study
     profile = tmp_path / "part.toml"

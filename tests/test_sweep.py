@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,9 +10,8 @@ import time
 
 import pytest
 
-from dpstudy.config import RunConfig
 from dpstudy.store import RunStore
-from dpstudy.sweep import expand_grid, load_profile, run_sweep
+from dpstudy.sweep import PROFILES_DIR, expand_grid, load_profile, run_sweep
 
 BASE = dict(data="synthetic", limit=4, image_size=(32, 32), base_width=8, depth=2, epochs=1,
             batch_size=2)
@@ -33,10 +33,39 @@ def test_grid_gives_one_run_per_privacy_point_and_none_for_non_dp():
     assert len({c.run_id() for c in configs}) == len(configs)
 
 
-def test_shipped_profiles_parse():
-    for name in ("quick", "paper"):
-        configs, spec = load_profile(name)
-        assert configs and all(isinstance(c, RunConfig) for c in configs)
+#: (grid runs, pretraining runs) of every shipped profile, as its header comment says.
+DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "audit": (33, 1),
+                   "best": (10, 1), "levers": (9, 1), "levers_pretrain": (3, 1)}
+
+
+def test_every_shipped_profile_expands_to_the_runs_it_documents():
+    assert sorted(p.stem for p in PROFILES_DIR.glob("*.toml")) == sorted(DOCUMENTED_RUNS)
+    ids = {}
+    for name, (runs, pretraining) in DOCUMENTED_RUNS.items():
+        configs, _ = load_profile(name)
+        header = (PROFILES_DIR / f"{name}.toml").read_text().split("\n[base]")[0]
+        assert re.search(rf"\b{runs} ([\w-]+ )?runs\b", header), (name, runs)
+        pre, grid = configs[:pretraining], configs[pretraining:]
+        assert len(grid) == runs, name
+        # pretraining first: non-private, on public phantom data, the start of every
+        # pretrained run, and of the same architecture
+        assert all(c.method == "non_dp" and c.data.startswith("synthetic")
+                   and c.init_from is None for c in pre), name
+        by_id = {c.run_id(): c for c in pre}
+        assert {c.init_from for c in grid} - {None} == set(by_id), name
+        for c in grid:
+            if c.init_from:
+                start = by_id[c.init_from]
+                assert (start.model, start.base_width, start.depth) == (
+                    c.model, c.base_width, c.depth), name
+            assert (c.noise_multiplier is None and c.target_epsilon is None) != c.private
+        ids[name] = ({c.run_id() for c in pre}, {c.run_id() for c in grid})
+    # what the profile comments promise is shared, so trained once: quick's U-Net
+    # pretraining (matched, audit) and non-private seed-0 run (matched); the best
+    # profile's pretraining and its ε = 3 Automatic Clipping seed-0 run (levers)
+    assert ids["matched"][0] == ids["audit"][0] < ids["quick"][0]
+    assert len(ids["matched"][1] & ids["quick"][1]) == 1
+    assert ids["levers"][0] == ids["best"][0] and len(ids["levers"][1] & ids["best"][1]) == 1
 
 
 def test_completed_runs_are_skipped(tmp_path):
@@ -52,6 +81,7 @@ def test_completed_runs_are_skipped(tmp_path):
         assert RunStore(tmp_path).read_meta(run_id)["created"] == t
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_redoing_completed_runs(tmp_path):
     args = [sys.executable, "-m", "dpstudy", "sweep", *CLI_BASE, "--epochs", "3",
             "--methods", "non_dp", "dp_sgd", "--noise-multipliers", "1.0", "2.0",
@@ -78,6 +108,7 @@ def test_a_killed_sweep_resumes_without_redoing_completed_runs(tmp_path):
         assert "skipped (completed)" in next(l for l in result.stdout.splitlines() if run_id in l)
 
 
+@pytest.mark.slow
 def test_sweep_on_a_dask_cluster_of_two_worker_processes(tmp_path):
     distributed = pytest.importorskip("distributed")
     configs = expand_grid(BASE, {"method": ["dp_sgd"], "noise_multiplier": [1.0, 2.0]})

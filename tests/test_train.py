@@ -12,11 +12,14 @@ from opacus.accountants import RDPAccountant
 
 from dpstudy.classes import CLASS_SLUGS
 from dpstudy.config import RunConfig
+from dpstudy.data.source import load_data
 from dpstudy.errors import ConfigError, StoreError
-from dpstudy.evaluate import evaluate_run
+from dpstudy.evaluate import evaluate, evaluate_run, load_trained, stored_dataset
 from dpstudy.models import build_model
-from dpstudy.store import RunStore, load_checkpoint, load_weights
+from dpstudy.store import RunStore, load_checkpoint, load_weights, read_predictions
 from dpstudy.train import train
+
+pytestmark = pytest.mark.slow   # every test here trains real models
 
 TINY = dict(data="synthetic", limit=6, image_size=(32, 32), base_width=8, depth=2,
             epochs=2, batch_size=3)
@@ -56,14 +59,33 @@ def test_every_method_completes_with_the_documented_files(trained):
                     "val_pixel_accuracy", "epsilon", "epoch_seconds",
                     *(f"val_dice_{s}" for s in CLASS_SLUGS[1:])]:
             assert col in hist.columns
-        state = load_checkpoint(store, run_id)
-        build_model("unet", 8, 2).load_state_dict(state)
+        _assert_checkpoint_is_the_final_model(store, run_id)
         with h5py.File(run_dir / "predictions.h5") as f:
             scans = list(f["val"])
             assert len(scans) == meta["data"]["n_val"] > 0
             g = f["val"][scans[0]]
             assert g["pred"].dtype == np.uint8 and g["pred"].shape == g["mask"].shape
             assert g["pred"][()].max() <= 8
+
+
+def _assert_checkpoint_is_the_final_model(store: RunStore, run_id: str) -> None:
+    """Scored again from its checkpoint, a run gives the validation metrics of its last
+    history row and, pixel for pixel, the predictions it stored."""
+    meta, cfg, model = load_trained(store, run_id)
+    reference = build_model(cfg.model, cfg.base_width, cfg.depth).state_dict()
+    state = load_checkpoint(store, run_id)
+    assert {k: (v.shape, v.dtype) for k, v in state.items()} == {
+        k: (v.shape, v.dtype) for k, v in reference.items()}
+    assert any(not torch.equal(state[k], reference[k]) for k in state)   # not a fresh model
+    val = stored_dataset(load_data(cfg.data, cfg.limit).splits["val"], cfg, meta)
+    again, native = evaluate(model, val, cfg.dice_weight)
+    last = store.read_history(run_id).iloc[-1]
+    for key in ("val_loss", "val_dice_fg_mean", "val_dice_all_mean", "val_pixel_accuracy"):
+        assert again[key] == pytest.approx(last[key], rel=1e-6), key
+    stored = read_predictions(store, run_id)
+    assert sorted(stored) == sorted(val.names)
+    for name, pred in zip(val.names, native):
+        assert np.array_equal(stored[name]["pred"], pred), name
 
 
 def test_recorded_epsilon_matches_an_independent_accountant(trained):
@@ -161,7 +183,7 @@ def test_one_epoch_of_each_method_on_real_duke_scans(duke_root, tmp_path, case):
     with h5py.File(run_dir / "predictions.h5") as f:
         g = next(iter(f["val"].values()))
         assert g["mask"].shape[0] == 496 and g["pred"].shape == g["mask"].shape
-    assert torch.load(run_dir / "model.pt", weights_only=True)
+    _assert_checkpoint_is_the_final_model(RunStore(tmp_path), run_dir.name)
 
 
 def test_augmentation_multiplicity_trains_privately(tmp_path):

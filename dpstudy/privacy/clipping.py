@@ -7,13 +7,15 @@ both cases, so the Gaussian mechanism and its accounting are shared.
 
 import torch
 
-#: Opacus's own guard against division by zero in Abadi clipping.
-ABADI_EPS = 1e-6
-
 
 def abadi_factor(norms: torch.Tensor, bound: float) -> torch.Tensor:
-    """min(1, C/‖g‖) (Abadi et al. 2016): gradients inside the ball are left alone."""
-    return (bound / (norms + ABADI_EPS)).clamp(max=1.0)
+    """min(1, C/‖g‖) (Abadi et al. 2016), exactly: a gradient inside the ball or on its
+    surface is left alone (factor 1, so it is not counted as clipped).
+
+    The division happens only where ‖g‖ > C > 0, so it needs no guard; Opacus's
+    C/(‖g‖ + 1e-6) scaled gradients exactly at the bound and so counted them clipped.
+    """
+    return torch.where(norms > bound, bound / norms, torch.ones_like(norms))
 
 
 def automatic_factor(norms: torch.Tensor, bound: float, gamma: float) -> torch.Tensor:

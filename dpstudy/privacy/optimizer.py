@@ -130,6 +130,8 @@ class StudyDPOptimizer(DPOptimizer):
         self.norm_log, self.clipped_log = [], []
         if norms.numel() == 0:
             return {"grad_norm_median": float("nan"), "clipped_fraction": float("nan")}
-        return {"grad_norm_median": float(norms.median()),
+        # the usual median (mean of the two middle values of an even count), as numpy and
+        # pandas give it; torch.median returns the lower of the two
+        return {"grad_norm_median": float(norms.double().quantile(0.5)),
                 "clipped_fraction": (float("nan") if self.clip_fn == "automatic"
                                      else float(clipped.float().mean()))}
