@@ -69,7 +69,7 @@ def test_load_synthetic():
     assert bundle.kind == "synthetic" and bundle.root is None
     assert {k: len(v) for k, v in bundle.splits.items()} == {"train": 2, "val": 2, "test": 2}
     assert bundle.describe() == (
-        "synthetic OCT phantom (seed 0): train 2, val 2, test 2 — no Duke data configured"
+        "synthetic OCT phantom (seed 0, standard): train 2, val 2, test 2 — no Duke data configured"
     )
     assert bundle.fingerprint == fingerprint(phantom_splits(0, 2, 2, 2))
     assert bundle.splits["train"][0].image.shape == (496, 512)
