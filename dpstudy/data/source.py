@@ -17,6 +17,8 @@ from dpstudy.errors import DataError
 SYNTHETIC = "synthetic"
 #: seed of the phantom used as the default data set
 SYNTHETIC_SEED = 0
+#: scans per split of the phantom used as the default data set
+SYNTHETIC_SIZES = {"train": 66, "val": 22, "test": 22}
 #: where ``dpstudy prepare-duke`` writes by default, relative to the working directory
 DEFAULT_DUKE_DIR = Path("data") / "DukeData"
 
@@ -62,7 +64,7 @@ def load_data(spec: str, limit: int | None = None) -> DataBundle:
     if spec == SYNTHETIC:
         if limit is not None and limit < 1:
             raise DataError(f"limit={limit} is invalid: use a positive number of scans, or no limit")
-        n = {"n_train": 66, "n_val": 22, "n_test": 22}
+        n = {f"n_{split}": count for split, count in SYNTHETIC_SIZES.items()}
         if limit is not None:
             n = {k: min(v, limit) for k, v in n.items()}
         splits = phantom_splits(seed=SYNTHETIC_SEED, **n)
