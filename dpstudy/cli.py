@@ -28,7 +28,8 @@ COMMON = {
     "grad_sample_mode": ("--grad-sample-mode", GRAD_SAMPLE_MODES),
     "epochs": ("--epochs", int), "batch_size": ("--batch-size", int),
     "max_physical_batch": ("--max-physical-batch", int), "lr": ("--lr", float),
-    "optimizer": ("--optimizer", OPTIMIZERS), "lr_schedule": ("--lr-schedule", LR_SCHEDULES),
+    "optimizer": ("--optimizer", OPTIMIZERS), "momentum": ("--momentum", float),
+    "lr_schedule": ("--lr-schedule", LR_SCHEDULES),
     "weight_decay": ("--weight-decay", float), "dice_weight": ("--dice-weight", float),
     "limit": ("--limit", int), "init_from": ("--init-from", str),
     "aug_multiplicity": ("--aug-multiplicity", int),
@@ -41,6 +42,10 @@ COMMON = {
 }
 DEVICE_HELP = ("where to compute: auto (CUDA, else MPS, else CPU; default), cpu, cuda or "
                "mps; not part of the run id")
+#: The first run an empty store's hints suggest, spelled as in the README: a few minutes
+#: on a laptop CPU for a model that segments the phantom (the quick profile's pretraining).
+START_HINT = ("dpstudy train --model unet --method non_dp --data synthetic --base-width 8 "
+              "--depth 3 --epochs 40")
 HELP = {
     "max_grad_norm": "per-sample clipping bound C (dp_sgd; the bound R for auto_clip)",
     "clip_fn": "random_sparsification only: abadi (flat C) or automatic clipping",
@@ -60,6 +65,7 @@ HELP = {
     "device": DEVICE_HELP,
     "max_physical_batch": "split Poisson batches with Opacus's BatchMemoryManager",
     "lr": "learning rate (default per method and optimizer, see README)",
+    "momentum": "SGD momentum (--optimizer sgd)",
     "limit": "cap images per split (smoke runs)",
     "init_from": "run id of a completed run to start from (e.g. phantom pretraining)",
     "aug_multiplicity": "K augmented copies per sample, gradients averaged before clipping "
@@ -137,9 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on any split")
-    p.add_argument("run", help="run id or run directory inside the store")
+    p.add_argument("run", help="the run directory `dpstudy train` printed, or a run id of "
+                               "the store (with --runs-dir, a path names the store's run "
+                               "of that name)")
     p.add_argument("--split", default="val")
-    p.add_argument("--data", default=None)
+    p.add_argument("--data", default=None, help="other data (default: the run's)")
+    images = p.add_mutually_exclusive_group()
+    images.add_argument("--limit", type=int, default=None,
+                        help="score the first N images of the split (default: the run's "
+                             "own --limit, so the images it was evaluated on)")
+    images.add_argument("--all-images", action="store_true",
+                        help="score every image of the split, whatever the run's --limit")
     p.add_argument("--runs-dir", type=Path, default=None)
     p.add_argument("--json", action="store_true")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
@@ -217,26 +231,40 @@ def cmd_sweep(args) -> None:
                            f"{len(results)} runs failed (see above)")
 
 
+def _run_location(run: str, runs_dir: Path | None) -> tuple[Path, str]:
+    """(store, run id) of a RUN argument: without ``--runs-dir`` a run directory (what
+    ``dpstudy train`` printed) is found in its own store; otherwise RUN names a run of
+    the store by its last path component, so a path never leads outside it."""
+    path = Path(run)
+    if runs_dir is None and (path / "config.json").is_file():
+        return path.resolve().parent, path.resolve().name
+    return runs_dir or default_runs_dir(), path.name
+
+
 def cmd_evaluate(args) -> None:
-    from .evaluate import evaluate_run
-    runs_dir = args.runs_dir or default_runs_dir()
-    metrics = evaluate_run(runs_dir, Path(args.run).name, args.data, args.split, args.device)
+    from .evaluate import RUN_LIMIT, evaluate_run
+    runs_dir, run_id = _run_location(args.run, args.runs_dir)
+    limit = None if args.all_images else RUN_LIMIT if args.limit is None else args.limit
+    metrics = evaluate_run(runs_dir, run_id, args.data, args.split, limit=limit,
+                           device=args.device)
     if args.json:
-        print(json.dumps(metrics, indent=2))
-    else:
-        width = max(map(len, metrics))
-        for k, v in metrics.items():
-            print(f"{k:{width}s}  {v:.4f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
+        print(json.dumps(metrics, indent=2, ensure_ascii=False))
+        return
+    print(metrics["scored"])
+    shown = {k: v for k, v in metrics.items() if k not in ("scored", "data")}
+    width = max(map(len, shown))
+    for k, v in shown.items():
+        print(f"{k:{width}s}  {v:.4f}" if isinstance(v, float) else f"{k:{width}s}  {v}")
 
 
 def cmd_runs(args) -> None:
     from .store import RunStore
     df = RunStore(args.runs_dir).list_runs()
     if args.json:
-        print(df.to_json(orient="records", indent=2))
+        print(df.to_json(orient="records", indent=2, force_ascii=False))
         return
     if df.empty:
-        print(f"no runs in {RunStore(args.runs_dir).root} — start one with `dpstudy train`")
+        print(f"no runs in {RunStore(args.runs_dir).root} — start one with `{START_HINT}`")
         return
     cols = [c for c in ("run_id", "status", "model", "method", "noise_multiplier",
                         "max_grad_norm", "epsilon", "val_dice_fg_mean", "val_dice_all_mean",
@@ -259,7 +287,7 @@ def cmd_audit(args) -> None:
             print(f"{run_id}: {exc}", file=sys.stderr)
             continue
         if args.json:
-            print(json.dumps({"run_id": run_id, **result}))
+            print(json.dumps({"run_id": run_id, **result}, ensure_ascii=False))
         else:
             lo, hi = result["auc_ci"]
             print("  ".join([run_id, f"AUC {result['auc']:.3f} [{lo:.3f}, {hi:.3f}]",

@@ -93,15 +93,30 @@ def stored_dataset(samples, cfg: RunConfig, meta: dict) -> SegmentationDataset:
     return SegmentationDataset(samples, cfg.image_size, stats)
 
 
+#: ``limit`` of :func:`evaluate_run` meaning "the run's own ``limit``".
+RUN_LIMIT = "run"
+
+
 def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "val",
-                 device: str = "auto") -> dict:
-    """Metrics of a stored run's final checkpoint on any split of any data."""
+                 limit: int | None | str = RUN_LIMIT, device: str = "auto") -> dict:
+    """Metrics of a stored run's final checkpoint on any split of any data (default: the
+    run's own). ``limit``: the first N images of the split, None for all, or
+    :data:`RUN_LIMIT` for the run's own limit, so that by default the images scored are
+    the ones the run was evaluated on. ``scored`` says which, in words."""
     meta, cfg, model = load_trained(RunStore(runs_dir), run_id)
     model = place_model(model, resolve_device(device))
-    bundle = load_data(data or meta["data"]["spec"])
+    limit = cfg.limit if limit == RUN_LIMIT else limit
+    if limit is not None and limit < 1:
+        raise DataError(f"limit={limit} is invalid: use a positive number of images, or none")
+    bundle = load_data(data or meta["data"]["spec"], limit)
     if split not in bundle.splits:
         raise DataError(f"{bundle.spec}: no {split!r} split (available: {sorted(bundle.splits)})")
     dataset = stored_dataset(bundle.splits[split], cfg, meta)
     metrics, _ = evaluate(model, dataset, cfg.dice_weight, prefix="")
+    where = bundle.root or bundle.describe().partition(":")[0]
+    cap = ("every image" if limit is None else f"the first {limit} images"
+           + (" (the run's --limit)" if limit == cfg.limit else ""))
     return {"run_id": run_id, "data": bundle.describe(), "split": split,
-            "n_images": len(dataset), **metrics}
+            "n_images": len(dataset), "limit": limit,
+            "scored": f"Scored {len(dataset)} images of run {run_id}: the {split!r} split of "
+                      f"{where}, {cap}.", **metrics}

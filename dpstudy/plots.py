@@ -16,13 +16,40 @@ import vl_convert as vlc
 from .classes import CLASS_COLOURS, CLASS_NAMES, CLASS_SLUGS
 from .config import METHODS, MODELS
 
-#: Fixed per method so a method keeps its colour on every chart and page.
-METHOD_SCALE = alt.Scale(domain=list(METHODS),
-                         range=["#555555", "#1f77b4", "#d62728", "#2ca02c"])
-MODEL_SCALE = alt.Scale(domain=list(MODELS), range=["circle", "triangle-up"])
+#: The study's one visual language: every chart of the app, the report and the exports
+#: takes method and model names and encodings from here. A method has one colour (and
+#: one dash, so equal lines stay distinguishable), a model one shape and one dash.
+METHOD_NAMES = {"non_dp": "non-private", "dp_sgd": "DP-SGD", "auto_clip": "Automatic Clipping",
+                "random_sparsification": "Random Sparsification"}
+MODEL_NAMES = {"unet": "U-Net", "nested_unet": "Nested U-Net"}
+METHOD_COLOURS = {"non_dp": "#555555", "dp_sgd": "#1f77b4", "auto_clip": "#d62728",
+                  "random_sparsification": "#2ca02c"}
+METHOD_DASHES = {"non_dp": [6, 4], "dp_sgd": [1, 0], "auto_clip": [7, 3],
+                 "random_sparsification": [2, 2]}
+MODEL_SHAPES = {"unet": "circle", "nested_unet": "triangle-up"}
+MODEL_DASHES = {"unet": [1, 0], "nested_unet": [5, 3]}
+#: Colours of runs where a chart tells runs apart (a run keeps its colour on every chart
+#: of a page: see :func:`run_scale`); none of them is a method's colour.
+RUN_COLOURS = ["#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#393b79",
+               "#ad494a", "#637939", "#7b4173", "#3182bd", "#e6550d"]
+#: Colours of methods or models another module may add, in turn.
+SPARE = ["#7f7f7f", "#17becf", "#bcbd22", "#e377c2"]
+
+
+def _scale(keys, fixed: dict, spare) -> alt.Scale:
+    return alt.Scale(domain=list(keys),
+                     range=[fixed.get(k, spare[i % len(spare)]) for i, k in enumerate(keys)])
+
+
+METHOD_SCALE = _scale(METHODS, METHOD_COLOURS, SPARE)
+METHOD_DASH_SCALE = _scale(METHODS, METHOD_DASHES, [[4, 2, 1, 2]])
+MODEL_SCALE = _scale(MODELS, MODEL_SHAPES, ["square", "diamond", "cross"])
+MODEL_DASH_SCALE = _scale(MODELS, MODEL_DASHES, [[1, 3]])
 CLASS_SCALE = alt.Scale(domain=list(CLASS_NAMES),
                         range=["#%02x%02x%02x" % rgb for rgb in CLASS_COLOURS])
 PALETTE = np.array(CLASS_COLOURS, dtype=np.uint8)
+#: Where a disagreement-only mask view paints pixels that agree with the truth.
+AGREE_COLOUR, AGREE_NAME = (190, 190, 190), "light grey"
 
 #: Utility axis choices: label -> ``list_runs()`` column (last epoch's validation value).
 UTILITY_METRICS = {
@@ -35,7 +62,7 @@ UTILITY_METRICS = {
 CURVES = {
     "loss": ["train_loss", "val_loss"],
     "validation Dice": ["val_dice_fg_mean", "val_dice_all_mean"],
-    "ε spent": ["epsilon"],
+    "B-scan-level ε spent": ["epsilon"],
     "gradient-norm median": ["grad_norm_median"],
     "clipped fraction": ["clipped_fraction"],
 }
@@ -43,7 +70,81 @@ CURVES = {
 CONFIG_FIELDS = ("run_id", "model", "method", "noise_multiplier", "max_grad_norm",
                  "clipping", "final_rate", "refresh", "epsilon", "delta", "epochs",
                  "batch_size", "lr", "image_size", "seed", "status")
+#: Settings that mean nothing for a non-private run (left out of its tooltip).
+PRIVATE_FIELDS = ("noise_multiplier", "max_grad_norm", "clipping", "final_rate", "refresh",
+                  "epsilon", "delta")
+#: Human names of columns, for tooltips, axes and tables.
+TITLES = {
+    "run_id": "run", "noise_multiplier": "noise multiplier σ",
+    "max_grad_norm": "clipping bound C", "clipping": "clipping style",
+    "final_rate": "sparsification r*", "refresh": "masks per epoch",
+    "epsilon": "B-scan-level ε", "delta": "δ", "batch_size": "batch size",
+    "lr": "learning rate", "image_size": "image size", "target_epsilon": "target ε",
+    "mia_auc": "membership-inference AUC", "mia_auc_std": "AUC spread (sd)",
+    "mia_reference_auc": "AUC of the starting weights", "n_seeds": "seeds",
+    "mia_same_subjects": "same-patient non-members", "config": "configuration",
+    "train_loss": "training loss", "val_loss": "validation loss",
+    "grad_norm_median": "gradient-norm median", "clipped_fraction": "clipped fraction",
+    "series": "series", "value": "value", "dice": "Dice",
+    **{v: k for k, v in UTILITY_METRICS.items()},
+}
+#: Axis number formats: no trailing zeros (σ = 1, not 1.000000).
+NUMBER = "~g"
 WIDTH, HEIGHT = 480, 300
+
+
+def column_title(column: str) -> str:
+    return TITLES.get(column, column.replace("_", " "))
+
+
+def _names_expr(field: str, names: dict) -> str:
+    """A Vega expression giving ``names[value]`` of ``field`` (the value if unnamed)."""
+    expr = f"datum[{field!r}]"
+    for key, name in names.items():
+        expr = f"datum[{field!r}] == {key!r} ? {name!r} : ({expr})"
+    return expr
+
+
+def _legend(names: dict, **kwargs) -> alt.Legend:
+    return alt.Legend(labelExpr=_names_expr("label", names), **kwargs)
+
+
+def method_colour(legend: bool = True) -> alt.Color:
+    return alt.Color("method:N", scale=METHOD_SCALE, title="method",
+                     legend=_legend(METHOD_NAMES) if legend else None)
+
+
+def model_shape() -> alt.Shape:
+    return alt.Shape("model:N", scale=MODEL_SCALE, title="model", legend=_legend(MODEL_NAMES))
+
+
+def run_scale(run_ids) -> alt.Scale:
+    """Colours of runs in a fixed order, so a run has the same colour on every chart
+    drawn with the same ``run_ids``, whichever of them a chart shows."""
+    ids = list(dict.fromkeys(run_ids))
+    return alt.Scale(domain=ids, range=[RUN_COLOURS[i % len(RUN_COLOURS)]
+                                        for i in range(len(ids))])
+
+
+def _tooltip(data: pd.DataFrame, fields) -> tuple[dict, list[alt.Tooltip]]:
+    """Tooltips with human titles and readable values: the names of methods and models,
+    numbers without trailing zeros, "–" for a missing value (never ``null``). Returns the
+    calculated fields to add (``transform_calculate``) and the tooltip encodings."""
+    calc, tips = {}, []
+    for c in dict.fromkeys(fields):
+        if c not in data.columns:
+            continue
+        value = f"datum[{c!r}]"
+        if c in ("method", "model"):
+            expr = _names_expr(c, METHOD_NAMES if c == "method" else MODEL_NAMES)
+        elif (pd.api.types.is_numeric_dtype(data[c])
+              and not pd.api.types.is_bool_dtype(data[c])):
+            expr = f"isValid({value}) && isFinite({value}) ? format({value}, '.4~g') : '–'"
+        else:
+            expr = f"isValid({value}) ? '' + {value} : '–'"
+        calc[f"tip_{c}"] = expr
+        tips.append(alt.Tooltip(f"tip_{c}:N", title=column_title(c)))
+    return calc, tips
 
 
 def metric_label(column: str) -> str:
@@ -72,27 +173,54 @@ def _run_fields(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     return data[data[metric].notna()]
 
 
-def _tooltip(data: pd.DataFrame, fields) -> list[alt.Tooltip]:
-    """Typed tooltips (inference fails on an empty table) for the fields ``data`` has."""
-    return [alt.Tooltip(field=c, type="quantitative" if pd.api.types.is_numeric_dtype(data[c])
-                        else "nominal")
-            for c in dict.fromkeys(fields) if c in data.columns]
+def _dodge(x: str, step: float, log: bool) -> str:
+    """A Vega expression placing each method's points slightly apart along ``x`` (by
+    ``step``, a factor on a log axis), so runs of different methods at the same σ or ε do
+    not hide each other; tooltips keep the true value."""
+    order = [m for m in METHODS if m != "non_dp"]
+    k = f"(indexof({order!r}, datum.method) - {(len(order) - 1) / 2})"
+    return f"datum[{x!r}] * pow({step}, {k})" if log else f"datum[{x!r}] + {step} * {k}"
 
 
-def _points(data: pd.DataFrame, x: alt.X, y: str, label: str) -> alt.Chart:
-    return alt.Chart(data).mark_point(filled=True, size=80, opacity=0.85).encode(
-        x=x, y=alt.Y(f"{y}:Q", title=label, scale=alt.Scale(zero=False)),
-        color=alt.Color("method:N", scale=METHOD_SCALE, title="method"),
-        shape=alt.Shape("model:N", scale=MODEL_SCALE, title="model"),
-        tooltip=_tooltip(data, (y, *CONFIG_FIELDS)))
+def _x(field: str, label: str, log: bool) -> alt.X:
+    return alt.X(f"{field}_shown:Q", title=label, axis=alt.Axis(format=NUMBER),
+                 scale=alt.Scale(type="log") if log else alt.Undefined)
+
+
+def _points(x: alt.X, y: str, label: str, tips: list) -> alt.Chart:
+    return alt.Chart().mark_point(filled=True, size=80, opacity=0.85).encode(
+        x=x, y=alt.Y(f"{y}:Q", title=label, scale=alt.Scale(zero=False),
+                     axis=alt.Axis(format=NUMBER)),
+        color=method_colour(), shape=model_shape(), tooltip=tips)
+
+
+def _reference(metric: str, tips: list) -> list[alt.Chart]:
+    """Non-private runs as dashed rules across the chart (their ε is infinite, not
+    missing), each labelled at its right end."""
+    public = alt.datum.method == "non_dp"
+    rule = alt.Chart().mark_rule(strokeDash=METHOD_DASHES["non_dp"], strokeWidth=1.5).encode(
+        y=f"{metric}:Q", color=method_colour(), tooltip=tips).transform_filter(public)
+    text = alt.Chart().mark_text(align="right", baseline="bottom", dy=-2, fontSize=11).encode(
+        x=alt.value(WIDTH - 2), y=f"{metric}:Q", text="reference:N",
+        color=method_colour(legend=None),
+    ).transform_filter(public).transform_calculate(
+        reference=f"'non-private ' + ({_names_expr('model', MODEL_NAMES)})")
+    return [rule, text]
+
+
+def _tips(data: pd.DataFrame, metric: str, extra=()) -> tuple[dict, list, list]:
+    """Calculated fields, tooltips of private runs, tooltips of non-private runs."""
+    fields = (metric, *extra, *CONFIG_FIELDS)
+    calc, tips = _tooltip(data, fields)
+    return calc, tips, _tooltip(data, [f for f in fields if f not in PRIVATE_FIELDS])[1]
 
 
 def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
                    spread: str | None = None) -> alt.LayerChart:
-    """ε (log) against utility: DP runs as points, each method's Pareto front as a line,
-    non-private runs as horizontal rules (their ε is infinite, not missing). With
-    ``spread`` (a column of per-row spreads, e.g. the seed std of a report's summary),
-    each point gets a ± bar."""
+    """ε (log) against utility: DP runs as points, each method's Pareto front as a line
+    (one dash per method), non-private runs as labelled horizontal rules. With ``spread``
+    (a column of per-row spreads, e.g. the seed std of a report's summary), each point
+    gets a ± bar."""
     data = _run_fields(runs, metric)
     data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)].copy()
     bars = []
@@ -104,39 +232,45 @@ def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
     for _, group in data[data["method"] != "non_dp"].groupby("method"):
         data.loc[pareto_front(group, "epsilon", metric).index, "on_front"] = True
     label = metric_label(metric)
-    x = alt.X("epsilon:Q", title="ε (log scale)", scale=alt.Scale(type="log"))
-    colour = alt.Color("method:N", scale=METHOD_SCALE)
-    points = _points(data, x, metric, label).transform_filter(alt.datum.method != "non_dp")
-    front = alt.Chart(data).mark_line(strokeWidth=2).encode(
-        x=x, y=f"{metric}:Q", order="epsilon:Q", color=colour,
+    x = _x("epsilon", "B-scan-level ε (log scale)", log=True)
+    private = alt.datum.method != "non_dp"
+    calc, tips, public = _tips(data, metric, (spread,) if spread else ())
+    front = alt.Chart().mark_line(strokeWidth=2).encode(
+        x=x, y=f"{metric}:Q", order="epsilon:Q", color=method_colour(),
+        strokeDash=alt.StrokeDash("method:N", scale=METHOD_DASH_SCALE, legend=None),
     ).transform_filter(alt.datum.on_front)
-    rules = alt.Chart(data).mark_rule(strokeDash=[6, 4], strokeWidth=1.5).encode(
-        y=f"{metric}:Q", color=colour, tooltip=_tooltip(data, (metric, *CONFIG_FIELDS)),
-    ).transform_filter(alt.datum.method == "non_dp")
     if "lower" in data:
-        bars = [alt.Chart(data).mark_rule(strokeWidth=1.5).encode(
-            x=x, y="lower:Q", y2="upper:Q", color=colour,
-        ).transform_filter((alt.datum.method != "non_dp") & alt.expr.isValid(alt.datum.lower))]
-    return alt.layer(rules, front, *bars, points, data=data).properties(
+        bars = [alt.Chart().mark_rule(strokeWidth=1.5).encode(
+            x=x, y="lower:Q", y2="upper:Q", color=method_colour(),
+        ).transform_filter(private & alt.expr.isValid(alt.datum.lower))]
+    points = _points(x, metric, label, tips).transform_filter(private)
+    return alt.layer(*_reference(metric, public), front, *bars, points, data=data).transform_calculate(
+        epsilon_shown=_dodge("epsilon", 1.06, log=True), **calc).properties(
         width=WIDTH, height=HEIGHT, title=f"Privacy–utility frontier: {label}")
 
 
 def noise_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> alt.LayerChart:
-    """Utility against the noise multiplier σ, with each method × model's mean as a line."""
+    """Utility against the noise multiplier σ, with each method × model's mean as a line
+    (colour per method, dash per model)."""
     data = _run_fields(runs, metric)
     data = data[(data["method"] != "non_dp") & data["noise_multiplier"].notna()]
     label = metric_label(metric)
-    x = alt.X("noise_multiplier:Q", title="noise multiplier σ")
-    means = alt.Chart(data).mark_line().encode(
-        x=x, y=f"mean({metric}):Q", color=alt.Color("method:N", scale=METHOD_SCALE),
-        strokeDash=alt.StrokeDash("model:N", title="model"))
-    return alt.layer(means, _points(data, x, metric, label), data=data).properties(
+    span = float(np.ptp(data["noise_multiplier"])) if len(data) else 0.0
+    x = _x("noise_multiplier", "noise multiplier σ", log=False)
+    calc, tips, _ = _tips(data, metric)
+    means = alt.Chart().mark_line().encode(
+        x=x, y=f"mean({metric}):Q", color=method_colour(),
+        strokeDash=alt.StrokeDash("model:N", scale=MODEL_DASH_SCALE, title="model",
+                                  legend=_legend(MODEL_NAMES, symbolType="stroke")))
+    return alt.layer(means, _points(x, metric, label, tips), data=data).transform_calculate(
+        noise_multiplier_shown=_dodge("noise_multiplier", 0.012 * (span or 1), log=False),
+        **calc).properties(
         width=WIDTH, height=HEIGHT, title=f"{label} against noise multiplier")
 
 
 def audit_chart(runs: pd.DataFrame) -> alt.LayerChart:
     """Membership-inference AUC against ε: DP runs (or configurations) as points,
-    non-private ones as dashed rules (ε = ∞), chance (0.5) as a grey rule.
+    non-private ones as labelled dashed rules (ε = ∞), chance (0.5) as a grey rule.
 
     Audits whose non-members are other patients mix leakage with the patient shift, so
     where any audit used same-subject non-members (``mia_same_subjects``) only those are
@@ -156,29 +290,26 @@ def audit_chart(runs: pd.DataFrame) -> alt.LayerChart:
                                            "mia_auc_std", "mia_reference_auc",
                                            "mia_same_subjects"))
                  if c in data.columns]]
-    x = alt.X("epsilon:Q", title="ε (log scale)", scale=alt.Scale(type="log"))
-    y = alt.Y("mia_auc:Q", title="membership-inference AUC", scale=alt.Scale(zero=False))
-    colour = alt.Color("method:N", scale=METHOD_SCALE, title="method")
-    tooltip = _tooltip(data, data.columns)
-    points = alt.Chart(data).mark_point(filled=True, size=80).encode(
-        x=x, y=y, color=colour, shape=alt.Shape("model:N", scale=MODEL_SCALE, title="model"),
-        tooltip=tooltip,
-    ).transform_filter(alt.datum.method != "non_dp")
-    rules = alt.Chart(data).mark_rule(strokeDash=[6, 4]).encode(
-        y="mia_auc:Q", color=colour, tooltip=tooltip,
-    ).transform_filter(alt.datum.method == "non_dp")
-    chance = alt.Chart(data).mark_rule(color="#999999").encode(y=alt.datum(0.5))
-    return alt.layer(chance, rules, points, data=data).properties(
+    x = _x("epsilon", "B-scan-level ε (log scale)", log=True)
+    calc, tips, public = _tips(data, "mia_auc", data.columns)
+    points = _points(x, "mia_auc", "membership-inference AUC", tips).transform_filter(
+        alt.datum.method != "non_dp")
+    chance = alt.Chart().mark_rule(color="#999999").encode(y=alt.datum(0.5))
+    return alt.layer(chance, *_reference("mia_auc", public), points, data=data
+                     ).transform_calculate(epsilon_shown=_dodge("epsilon", 1.06, log=True), **calc
+                                           ).properties(
         width=WIDTH, height=HEIGHT,
         title=alt.Title("Empirical privacy: loss-threshold attack", subtitle=subtitle))
 
 
 def curves_chart(history: pd.DataFrame, columns: list[str], title: str,
-                 log_y: bool = False) -> alt.LayerChart:
+                 log_y: bool = False, runs=None) -> alt.LayerChart:
     """Per-epoch series of several runs overlaid: colour per run, dash per series.
 
-    Points sit on a layer of their own so a one-epoch run still shows and the dash
-    legend keeps line symbols.
+    ``runs`` fixes the run colours (default: the runs in ``history``): give every chart
+    of a page the same list and a run keeps its colour on all of them. Points sit on a
+    layer of their own so a one-epoch run still shows and the dash legend keeps line
+    symbols.
     """
     present = [c for c in columns if c in history.columns]
     ids = [c for c in ("run_id", "method", "model", "epoch") if c in history.columns]
@@ -187,38 +318,64 @@ def curves_chart(history: pd.DataFrame, columns: list[str], title: str,
             else pd.DataFrame(columns=["run_id", "epoch", "series", "value"]))
     if log_y:
         data = data[data["value"] > 0]
+    data["series"] = data["series"].map(column_title)
     last = int(data["epoch"].max()) if len(data) else 1
+    calc, tips = _tooltip(data, (*ids, "series", "value"))
+    domain = runs if runs is not None else history.get("run_id", pd.Series(dtype=str)).unique()
     base = alt.Chart(data).encode(
         x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(
             format="d", values=list(range(1, last + 1)) if last <= 20 else alt.Undefined)),
-        y=alt.Y("value:Q", title=title,
+        y=alt.Y("value:Q", title=title, axis=alt.Axis(format=NUMBER),
                 scale=alt.Scale(type="log" if log_y else "linear", zero=False)),
-        color=alt.Color("run_id:N", title="run", legend=alt.Legend(labelLimit=320)),
-        tooltip=_tooltip(data, (*ids, "series", "value")))
+        color=alt.Color("run_id:N", title="run", scale=run_scale(domain),
+                        legend=alt.Legend(labelLimit=320)),
+        tooltip=tips)
     dash = ({"strokeDash": alt.StrokeDash("series:N", title="series",
                                           legend=alt.Legend(symbolType="stroke"))}
             if len(present) > 1 else {})
     return alt.layer(base.mark_line().encode(**dash), base.mark_point(filled=True),
-                     data=data).properties(width=WIDTH, height=HEIGHT, title=title)
+                     data=data).transform_calculate(**calc).properties(
+        width=WIDTH, height=HEIGHT, title=title)
 
 
-def epsilon_epochs_chart(history: pd.DataFrame) -> alt.LayerChart:
+def epsilon_epochs_chart(history: pd.DataFrame, runs=None) -> alt.LayerChart:
     """How fast each DP run spends its budget: ε after every epoch (log)."""
-    return curves_chart(history, ["epsilon"], "ε spent (log scale)", log_y=True)
+    return curves_chart(history, ["epsilon"], "B-scan-level ε spent (log scale)", log_y=True,
+                        runs=runs)
 
 
-def dice_chart(dice: pd.DataFrame) -> alt.Chart:
-    """Per-class Dice bars (columns ``class``, ``dice``, ``run``) in the classes' colours,
-    one bar per run side by side, so the chart doubles as the mask legend."""
-    return alt.Chart(dice).mark_bar().encode(
-        y=alt.Y("class:N", sort=list(CLASS_NAMES), title=None),
-        yOffset=alt.YOffset("run:N"),
-        x=alt.X("dice:Q", title="Dice on this B-scan", scale=alt.Scale(domain=[0, 1])),
+def dice_chart(dice: pd.DataFrame, names: dict | None = None) -> alt.LayerChart:
+    """Per-class Dice bars (columns ``class``, ``dice``, ``run``: a short key such as
+    "A") in the classes' colours, one bar per run side by side (the first run solid, the
+    second faded, as the legend shows, with ``names[run]`` as its label), so the chart
+    doubles as the mask legend. Every bar is labelled with its run and value: a Dice of 0
+    reads "0" at the axis, a class in neither truth nor prediction (Dice undefined) reads
+    "absent" and has no bar."""
+    data = dice.assign(label=[f"{run} " + ("absent" if pd.isna(v) else f"{v:.2f}" if v else "0")
+                              for run, v in zip(dice["run"], dice["dice"])])
+    runs = list(dict.fromkeys(data["run"]))
+    names = names or {}
+    y = alt.Y("class:N", sort=list(CLASS_NAMES), title=None)
+    offset = alt.YOffset("run:N", sort=runs)
+    bars = alt.Chart().mark_bar().encode(
+        y=y, yOffset=offset,
+        x=alt.X("dice:Q", title="Dice on this B-scan", scale=alt.Scale(domain=[0, 1.15]),
+                axis=alt.Axis(values=[0, 0.25, 0.5, 0.75, 1], format=NUMBER)),
         color=alt.Color("class:N", scale=CLASS_SCALE, legend=None),
-        opacity=alt.Opacity("run:N", scale=alt.Scale(range=[1.0, 0.45]), title="run",
-                            legend=alt.Legend(labelLimit=320, orient="bottom")),
-        tooltip=["run", "class", alt.Tooltip("dice:Q", format=".3f")],
-    ).properties(width=WIDTH, title="Per-class Dice")
+        opacity=alt.Opacity("run:N", sort=runs, title="bars",
+                            scale=alt.Scale(domain=runs, range=[1.0, 0.4][:len(runs)]),
+                            legend=alt.Legend(labelExpr=_names_expr("label", names),
+                                              labelLimit=420, orient="bottom",
+                                              direction="vertical", symbolType="square",
+                                              symbolFillColor="#4c4c4c")),
+        tooltip=[alt.Tooltip("run:N"), alt.Tooltip("class:N"),
+                 alt.Tooltip("label:N", title="Dice")])
+    labels = alt.Chart().mark_text(align="left", dx=3, fontSize=10).encode(
+        y=y, yOffset=offset, x="shown:Q", text="label:N",
+        color=alt.condition(alt.expr.isValid(alt.datum.dice), alt.value("#222222"),
+                            alt.value("#888888")),
+    ).transform_calculate(shown="isValid(datum.dice) ? datum.dice : 0")
+    return alt.layer(bars, labels, data=data).properties(width=WIDTH, title="Per-class Dice")
 
 
 def comparison_chart(charts: list[alt.TopLevelMixin], title: str) -> alt.VConcatChart:
@@ -230,7 +387,7 @@ def comparison_chart(charts: list[alt.TopLevelMixin], title: str) -> alt.VConcat
 # --- masks -----------------------------------------------------------------------------
 
 def colourise(labels: np.ndarray, where: np.ndarray | None = None,
-              fill=(40, 40, 40)) -> np.ndarray:
+              fill=AGREE_COLOUR) -> np.ndarray:
     """RGB image of class labels in the fixed class colours; outside ``where``, ``fill``."""
     rgb = PALETTE[labels]
     if where is not None:

@@ -147,7 +147,7 @@ def curves_chart(history: pd.DataFrame) -> alt.FacetChart:
     return alt.Chart(data).mark_line(opacity=0.8).encode(
         x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(format="d", tickMinStep=1)),
         y=alt.Y("value:Q", title=None, scale=alt.Scale(zero=False)),
-        color=alt.Color("method:N", scale=plots.METHOD_SCALE), detail="config:N",
+        color=plots.method_colour(), detail="config:N",
         tooltip=["config", "method", "model", "epoch", "series", "value"],
     ).properties(width=300, height=200).facet(
         row=alt.Row("series:N", title=None), column=alt.Column("model:N", title=None),

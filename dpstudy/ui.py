@@ -1,13 +1,12 @@
-"""Shared Streamlit widgets/caching for the pages (``streamlit_app.py`` and ``pages/``).
+"""Shared Streamlit widgets/caching for the app's pages (``app_pages/``).
 
-Every page calls :func:`page_config` first and reads the run store only through this
-module. Reads are cached with ``st.cache_data`` keyed on a store signature (the mtimes
+:data:`PAGES` is the navigation ``streamlit_app.py`` builds; every page reads the run
+store only through this module. Reads are cached with ``st.cache_data`` keyed on a store signature (the mtimes
 of each run's files: one directory scan and a few ``stat`` calls), so a rerun costs
 almost nothing and anything a trainer writes invalidates the cache. ``running`` is
 re-checked on every call: a killed trainer changes no file, it only releases its lock.
 
-It lives in the library, not in ``pages/``, because Streamlit's folder-based navigation
-would list any script there as a page.
+It lives in the library, next to the code it shows, rather than among the page scripts.
 """
 
 from __future__ import annotations
@@ -16,11 +15,16 @@ import os
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dpstudy import plots
-from dpstudy.errors import StoreError
+from dpstudy import estimate, launcher, plots
+from dpstudy.cli import START_HINT
+from dpstudy.data.duke import available_splits
+from dpstudy.data.source import SYNTHETIC, SYNTHETIC_SIZES
+from dpstudy.errors import DPStudyError, StoreError
+from dpstudy.reference import Report
 from dpstudy.store import (CONFIG, HISTORY, PREDICTIONS, RUN_ID_RE, RunStore,
                            read_predictions)
 
@@ -28,20 +32,23 @@ from dpstudy.store import (CONFIG, HISTORY, PREDICTIONS, RUN_ID_RE, RunStore,
 COLUMNS = ("run_id", "status", "error", "model", "method", "noise_multiplier",
            "max_grad_norm", "clipping", "epsilon", "val_dice_fg_mean", "val_dice_all_mean",
            "duration_s", "epochs", "epochs_done", "train_loss", "data_kind",
-           "data_fingerprint", "data_description", "updated", "mia_auc", "mia_same_subjects")
+           "data_fingerprint", "data_description", "updated", "mia_auc", "mia_same_subjects",
+           "data", "base_width", "depth")
 PNG = ("png", plots.chart_to_png, "image/png")
 SVG = ("svg", plots.chart_to_svg, "image/svg+xml")
 CSV = ("csv", plots.chart_to_csv, "text/csv")
 PDF = ("pdf", plots.chart_to_pdf, "application/pdf")
-#: The Launch page's script, relative to ``streamlit_app.py`` (URL ``/Launch``).
-LAUNCH_PAGE = "pages/1_Launch.py"
-
-
-def page_config(title: str | None = None) -> None:
-    """Wide layout and the browser-tab title; the first call on every page (with
-    folder-based pages nothing shared runs before a page, so each page sets it)."""
-    st.set_page_config(page_title=f"{title} · dpstudy" if title else "dpstudy",
-                       layout="wide")
+#: The app's pages in navigation order: script (relative to ``streamlit_app.py``),
+#: title, URL path. The first is the default page, at ``/``. The folder is not called
+#: ``pages/``: Streamlit would then fall back to folder-based navigation.
+PAGES = (("app_pages/overview.py", "Overview", ""),
+         ("app_pages/study.py", "Study results", "study"),
+         ("app_pages/launch.py", "Launch", "launch"),
+         ("app_pages/masks.py", "Masks", "masks"),
+         ("app_pages/frontier.py", "Frontier", "frontier"),
+         ("app_pages/curves.py", "Curves", "curves"))
+OVERVIEW_PAGE, STUDY_PAGE, LAUNCH_PAGE, MASKS_PAGE, FRONTIER_PAGE, CURVES_PAGE = (
+    p for p, _, _ in PAGES)
 
 
 def store() -> RunStore:
@@ -141,9 +148,41 @@ def chart_block(chart, name: str) -> None:
 def no_runs(message: str) -> None:
     """Explain an empty page and point to where runs come from."""
     st.info(f"{message} Start one from the **Launch** page, or from a terminal:\n\n"
-            "`python -m dpstudy train --model unet --method dp_sgd --noise-multiplier 1 "
-            f"--epochs 5 --runs-dir {store().root}`")
+            f"`{START_HINT} --runs-dir {store().root}`")
     st.page_link(LAUNCH_PAGE, label="Open the Launch page")
+
+
+@st.cache_data(show_spinner=False, max_entries=4)
+def _estimator(root: str, sig: tuple) -> estimate.Estimator:
+    s, metas = RunStore(root), []
+    for run_id, _ in sig:
+        try:
+            metas.append(s.read_meta(run_id))
+        except StoreError:
+            continue
+    return estimate.calibrate(metas)
+
+
+def estimator() -> estimate.Estimator:
+    """Run-time estimates calibrated on this store's completed runs."""
+    s = store()
+    return _estimator(str(s.root), signature(s.root))
+
+
+def show_report(report: Report) -> None:
+    """A committed report: what it is, the commands that made it, its text and figures."""
+    if report.summary:
+        st.markdown(report.summary)
+    if report.commands:
+        st.caption("Reproduced with:")
+        st.code("\n".join(report.commands), language="bash")
+    else:
+        st.caption("The commands that made this report are not recorded in results/index.toml.")
+    for kind, block in report.blocks:
+        if kind == "figure":
+            show_figure(block)
+        else:
+            st.markdown(block)
 
 
 def data_filter(df: pd.DataFrame) -> pd.DataFrame:
@@ -158,3 +197,97 @@ def data_filter(df: pd.DataFrame) -> pd.DataFrame:
     choice = st.selectbox("data", list(counts.index), key="data_source",
                           format_func=lambda d: f"{d} ({counts[d]} runs)")
     return df[df["data"] == choice]
+
+
+#: Overview columns by importance, with their titles: these fit 1400 px ...
+OVERVIEW_MAIN = {"status": "status", "method": "method", "model": "model",
+                 "epsilon": "B-scan-level ε", "val_dice_fg_mean": "Dice (foreground)",
+                 "epochs_done": "epochs", "duration_s": "duration", "run_id": "run"}
+#: ... and these come with "all columns".
+OVERVIEW_MORE = {"noise_multiplier": "noise σ", "max_grad_norm": "clipping bound C",
+                 "val_dice_all_mean": "Dice (all classes)", "mia_auc": "membership AUC",
+                 "seed": "seed", "data_kind": "data", "updated": "last update"}
+MISSING = "–"
+
+
+def duration(seconds) -> str:
+    """``"3 min 20 s"``."""
+    if pd.isna(seconds):
+        return MISSING
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return (f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s" if minutes
+            else f"{secs} s")
+
+
+def overview_table(df: pd.DataFrame, all_columns: bool = False):
+    """The Overview's run table, for people: human column titles and method and model
+    names, "∞" as the ε and nothing as σ and C of a non-private run, "3 of 10" epochs for
+    an unfinished run (show it with ``placeholder=MISSING``: Streamlit draws a missing
+    value as its placeholder, whatever the Styler says). Values stay numbers underneath
+    (a pandas Styler), so columns sort as numbers: a non-private run's ε is infinite and
+    its σ 0."""
+    cols = {**OVERVIEW_MAIN, **(OVERVIEW_MORE if all_columns else {})}
+    table = df.reindex(columns=list(cols)).reset_index(drop=True)
+    for col in table.columns.difference(["status", "method", "model", "run_id", "data_kind"]):
+        table[col] = pd.to_numeric(table[col], errors="coerce")
+    if "updated" in table:
+        table["updated"] = pd.to_datetime(table["updated"], unit="s")
+    public = (df["method"] == "non_dp").to_numpy()
+    table.loc[public, "epsilon"] = np.inf
+    if "noise_multiplier" in table:
+        table.loc[public, "noise_multiplier"] = 0.0
+    formats = {"method": lambda v: plots.METHOD_NAMES.get(v, v),
+               "model": lambda v: plots.MODEL_NAMES.get(v, v),
+               "epsilon": "{:.3g}", "noise_multiplier": "{:.3g}", "max_grad_norm": "{:.3g}",
+               "val_dice_fg_mean": "{:.3f}", "val_dice_all_mean": "{:.3f}",
+               "mia_auc": "{:.3f}", "epochs_done": "{:.0f}", "seed": "{:.0f}",
+               "duration_s": duration, "updated": "{:%Y-%m-%d %H:%M}"}
+    total = pd.to_numeric(df["epochs"], errors="coerce").to_numpy()
+    unfinished = (table["epochs_done"] < total).to_numpy()
+    table = table.rename(columns=cols)
+    styler = table.style.format({cols[k]: v for k, v in formats.items() if k in cols},
+                                na_rep=MISSING)
+    styler = styler.format("∞", subset=(public, [cols["epsilon"]]))
+    blank = [cols[c] for c in ("noise_multiplier", "max_grad_norm") if c in cols]
+    if blank:
+        styler = styler.format("", subset=(public, blank))
+    for n in set(total[unfinished]):
+        styler = styler.format(lambda v, n=n: f"{v:.0f} of {n:.0f}",
+                               subset=(unfinished & (total == n), [cols["epochs_done"]]))
+    return styler
+
+
+def splits_of(data: str) -> list[str]:
+    """The splits a run's data offers (for evaluation on another one)."""
+    if data == SYNTHETIC:
+        return list(SYNTHETIC_SIZES)
+    try:
+        return available_splits(data)
+    except DPStudyError:
+        return []
+
+
+def run_actions(run_id: str, data: str, key: str) -> None:
+    """Buttons that start the membership audit of a completed run, or its evaluation on
+    another split, as separate processes (``dpstudy audit|evaluate``)."""
+    audit, split, evaluate = st.columns([2, 1, 2], vertical_alignment="bottom")
+    started = None
+    if audit.button("Membership audit", key=f"{key}-audit-{run_id}",
+                    help="dpstudy audit RUN: a loss-threshold membership-inference attack"):
+        started = launcher.launch(["audit", run_id], store().root,
+                                  label=f"Membership audit of {run_id}")
+    splits = splits_of(data)
+    chosen = split.selectbox("split", splits, index=splits.index("test") if "test" in splits
+                             else 0, key=f"{key}-split-{run_id}")
+    if evaluate.button("Evaluate on this split", key=f"{key}-evaluate-{run_id}",
+                       disabled=not splits, help="dpstudy evaluate RUN --split SPLIT"):
+        started = launcher.launch(["evaluate", run_id, f"--split={chosen}"], store().root,
+                                  label=f"Evaluation of {run_id} on its {chosen} split")
+    if started:
+        st.success(f"Started: {started['label']} (launch {started['id']}).")
+        st.page_link(LAUNCH_PAGE, label="Follow it on the Launch page")
+
+
+def show_figure(path: Path) -> None:
+    st.image(str(path), caption=path.name)

@@ -25,11 +25,9 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 SCREENSHOTS = os.environ.get("DPSTUDY_SCREENSHOTS") == "1"
 MAX_SCREENSHOT_BYTES = 300_000
-#: The sidebar of Streamlit's folder-based navigation, in order: label -> URL path.
-#: The main script's label is its file name ("streamlit_app.py" -> "streamlit app");
-#: ``pages/<n>_<Name>.py`` is ``<Name>`` at ``/<Name>`` (case-sensitive).
-NAV = {"streamlit app": "", "Launch": "Launch", "Masks": "Masks", "Frontier": "Frontier",
-       "Curves": "Curves"}
+#: The sidebar navigation (``dpstudy.ui.PAGES``), in order: label -> URL path.
+NAV = {"Overview": "", "Study results": "study", "Launch": "launch", "Masks": "masks",
+       "Frontier": "frontier", "Curves": "curves"}
 
 
 def free_port() -> int:

@@ -145,7 +145,7 @@ def test_target_epsilon_calibrates_the_noise(tmp_path):
 def test_evaluate_run_uses_stored_normalisation_and_any_split(trained):
     root, runs = trained
     run_id = next(iter(runs))
-    m = evaluate_run(root, run_id, split="test")
+    m = evaluate_run(root, run_id, split="test", limit=None)
     assert m["split"] == "test" and m["n_images"] == 22  # the whole phantom test split
     assert 0 <= m["dice_fg_mean"] <= 1 and not math.isnan(m["pixel_accuracy"])
 

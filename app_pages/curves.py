@@ -1,11 +1,14 @@
-"""Curves: per-epoch training dynamics of any set of runs, overlaid, plus one-file export."""
+"""Curves: per-epoch training dynamics of any set of runs, overlaid, plus one-file export.
+
+A run keeps its colour on every chart of the page and in the export (a ``?runs=`` link
+from the Launch page preselects listed runs).
+"""
 
 import streamlit as st
 
 from dpstudy import plots
-from dpstudy.ui import PDF, PNG, chart_block, downloads, histories, no_runs, page_config, runs
+from dpstudy.ui import PDF, PNG, chart_block, downloads, histories, no_runs, runs
 
-page_config("Curves")
 st.title("Training curves")
 df = runs()
 readable = df[df["status"] != "broken"].sort_values("updated", ascending=False)
@@ -13,13 +16,14 @@ if readable.empty:
     no_runs("No run has a history yet.")
     st.stop()
 
-chosen = st.multiselect("runs", list(readable["run_id"]),
-                        default=list(readable["run_id"].iloc[:6]), key="curve_runs")
+listed = list(readable["run_id"])
+wanted = [r for r in st.query_params.get("runs", "").split(",") if r in listed]
+chosen = st.multiselect("runs", listed, default=wanted or listed[:6], key="curve_runs")
 if not chosen:
     st.info("Choose runs to overlay.")
     st.stop()
 history = histories(chosen)
-charts = {title: plots.curves_chart(history, columns, title)
+charts = {title: plots.curves_chart(history, columns, title, runs=chosen)
           for title, columns in plots.CURVES.items()}
 for title, chart in charts.items():
     chart_block(chart, "curves_" + title.replace(" ", "_").replace("ε", "epsilon"))

@@ -3,9 +3,8 @@
 import streamlit as st
 
 from dpstudy import plots
-from dpstudy.ui import chart_block, data_filter, histories, no_runs, page_config, runs
+from dpstudy.ui import chart_block, data_filter, histories, no_runs, runs
 
-page_config("Frontier")
 st.title("Privacy–utility frontier")
 df = runs()
 done = data_filter(df[df["status"] == "completed"])
@@ -15,12 +14,15 @@ if done[done["method"] != "non_dp"].empty:
 
 label = st.selectbox("utility metric", list(plots.UTILITY_METRICS), key="metric")
 metric = plots.UTILITY_METRICS[label]
-st.caption("Completed runs only; validation metrics of the last epoch. Lines: each "
-           "method's Pareto front. Dashed rules: non-private runs.")
+st.caption("Completed runs only; validation metrics of the last epoch. ε is B-scan-level: "
+           "it bounds what the model reveals about any one training B-scan. Lines: each "
+           "method's Pareto front (one dash per method); labelled dashed rules: non-private "
+           "runs. Points of different methods at the same σ or ε are drawn slightly apart.")
 chart_block(plots.frontier_chart(done, metric), "frontier")
 chart_block(plots.noise_chart(done, metric), "utility_vs_sigma")
-private_ids = done.loc[done["method"] != "non_dp", "run_id"]
-chart_block(plots.epsilon_epochs_chart(histories(private_ids)), "epsilon_vs_epochs")
+private_ids = list(done.loc[done["method"] != "non_dp", "run_id"])
+chart_block(plots.epsilon_epochs_chart(histories(private_ids), runs=private_ids),
+            "epsilon_vs_epochs")
 if done["mia_auc"].notna().any():
     st.caption("Membership-inference audit (`dpstudy audit`): the AUC of a loss-threshold "
                "attack, members against held-out images; 0.5 is chance. ε bounds what any "
