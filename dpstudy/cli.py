@@ -39,6 +39,7 @@ COMMON = {
     "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
     "fluid_weight": ("--fluid-weight", float),
     "device": ("--device", DEVICES),
+    "privacy_unit": ("--privacy-unit", PRIVACY_UNITS),
 }
 DEVICE_HELP = ("where to compute: auto (CUDA, else MPS, else CPU; default), cpu, cuda or "
                "mps; not part of the run id")

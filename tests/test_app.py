@@ -444,9 +444,12 @@ def test_launch_arguments_reproduce_every_field():
                     max_physical_batch=2, lr=1e-4, optimizer="sgd", momentum=0.8,
                     weight_decay=1e-4, lr_schedule="cosine", dice_weight=0.5, augment=True,
                     aug_multiplicity=2, image_size=(64, 32), data="-x; rm -rf /", limit=5,
-                    audit_holdout=0.5, init_from="pre-run", seed=3)
+                    audit_holdout=0.5, init_from="pre-run", seed=3, ema_decay=0.9,
+                    trainable="decoder", fluid_weight=2.0, normalisation="train_split",
+                    randomness="os_entropy", device="cpu")
     assert {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) ==
-            getattr(RunConfig(), f.name)} == {"target_epsilon"}  # σ set instead
+            getattr(RunConfig(), f.name)} == {"target_epsilon", "privacy_unit"}
+    # σ set instead; privacy_unit=subject excludes max_physical_batch: launched alone below
     argv = launcher.train_argv(cfg)
     assert "--data=-x; rm -rf /" in argv
     args = build_parser().parse_args(argv)
@@ -454,6 +457,11 @@ def test_launch_arguments_reproduce_every_field():
                      noise_multiplier=args.noise_multiplier,
                      target_epsilon=args.target_epsilon, **_base_fields(args))
     assert back == cfg
+    unit = cfg.replace(privacy_unit="subject", max_physical_batch=None)
+    args = build_parser().parse_args(launcher.train_argv(unit))
+    assert RunConfig(model=args.model, method=args.method, seed=args.seed,
+                     noise_multiplier=args.noise_multiplier, target_epsilon=args.target_epsilon,
+                     **_base_fields(args)) == unit
     sweep = launcher.sweep_argv(cfg.replace(method="non_dp", noise_multiplier=None),
                                 {"models": ["unet"], "methods": ["non_dp", "dp_sgd"],
                                  "noise_multipliers": [0.5, 1.0]}, jobs=2)
