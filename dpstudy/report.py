@@ -34,7 +34,8 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
 #: in it (model and method always).
 TABLE_KEYS = ["model", "method", "noise_multiplier", "target_epsilon", "max_grad_norm",
               "pretrained", "epochs", "batch_size", "lr_schedule", "augment",
-              "aug_multiplicity", "audit_holdout", "data_kind"]
+              "aug_multiplicity", "audit_holdout", "fluid_weight", "accountant", "normalisation",
+              "trainable", "ema_decay", "privacy_unit", "data_kind"]
 
 
 def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
