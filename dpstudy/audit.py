@@ -26,7 +26,7 @@ from scipy.stats import rankdata
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
-from .device import model_device, place_images, place_model, resolve_device
+from .device import model_device, place_images, place_model
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
 from .evaluate import load_trained, starting_model, stored_dataset
@@ -135,8 +135,7 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     if meta.get("status") != "completed":
         raise StoreError(f"run {run_id} is {meta.get('status')}; only completed runs are "
                          f"audited")
-    meta, cfg, model = load_trained(store, run_id, meta)
-    model = place_model(model, resolve_device(device))
+    meta, cfg, model = load_trained(store, run_id, meta, device)
     bundle = load_data(meta["data"]["spec"], cfg.limit)
     if bundle.fingerprint != meta["data"]["fingerprint"]:
         raise DataError(f"{bundle.spec}: data fingerprint {bundle.fingerprint} differs from the "

@@ -74,15 +74,17 @@ def starting_model(store: RunStore, cfg: RunConfig) -> nn.Module:
     return model
 
 
-def load_trained(store: RunStore, run_id: str, meta: dict | None = None
+def load_trained(store: RunStore, run_id: str, meta: dict | None = None, device: str = "cpu"
                  ) -> tuple[dict, RunConfig, nn.Module]:
     """A stored run's metadata (``meta`` if already read), config and final model, ready
-    to score any images."""
+    to score any images: on ``device`` in the memory format training used there, so that
+    on the training device a rescoring reproduces the stored predictions pixel for pixel
+    (NHWC and NCHW convolutions differ in the last bits)."""
     meta = store.read_meta(run_id) if meta is None else meta
     cfg = RunConfig.from_stored(meta["config"], where=str(store.path(run_id) / "config.json"))
     model = build_model(cfg.model, cfg.base_width, cfg.depth)
     load_weights(store, run_id, model)
-    return meta, cfg, model
+    return meta, cfg, place_model(model, resolve_device(device))
 
 
 def stored_dataset(samples, cfg: RunConfig, meta: dict) -> SegmentationDataset:
@@ -103,8 +105,7 @@ def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "v
     run's own). ``limit``: the first N images of the split, None for all, or
     :data:`RUN_LIMIT` for the run's own limit, so that by default the images scored are
     the ones the run was evaluated on. ``scored`` says which, in words."""
-    meta, cfg, model = load_trained(RunStore(runs_dir), run_id)
-    model = place_model(model, resolve_device(device))
+    meta, cfg, model = load_trained(RunStore(runs_dir), run_id, device=device)
     limit = cfg.limit if limit == RUN_LIMIT else limit
     if limit is not None and limit < 1:
         raise DataError(f"limit={limit} is invalid: use a positive number of images, or none")
