@@ -1,15 +1,18 @@
-"""Empirical privacy: a membership-inference audit of a trained run.
+"""Empirical privacy: a calibrated membership-inference audit of a trained run.
 
-ε is an upper bound on what any attacker can learn; the audit measures what one simple
-attacker does learn. The loss-threshold attack (Yeom et al., 2018) guesses "member"
-when the model's loss on an image is low, so its ROC curve compares the per-sample
-losses of the training images (members) with those of held-out images of the same
-distribution (non-members). The two sets are balanced by subsampling the larger one
-with a fixed seed, so an AUC of 0.5 means chance whatever the split sizes.
+ε is an upper bound on what any attacker can learn; the audit measures what one attacker
+does learn. A single loss threshold (Yeom et al., 2018) mostly measures which images are
+easy; the calibrated attack (Watson et al., 2022; the difficulty calibration of Carlini
+et al.'s LiRA in its simplest form) scores each image by how much training lowered its
+loss — loss at the starting weights minus loss at the end — so an easy non-member does
+not pass for a member. Every member and non-member is kept (AUC needs no balancing).
 
-With a few dozen images per set the estimates are coarse: every statistic comes with a
-bootstrap interval, and TPR at a false-positive rate is only reported where the
-non-member set can resolve that rate at all (at least 1/FPR non-members).
+The baseline is the loss-threshold attack at the starting weights: what the split alone
+gives away before the run saw any member. The AUC gain over it comes with a paired
+bootstrap interval (both AUCs on the same resample). With a few dozen images per set the
+estimates are coarse: an interval that covers chance reads "no leakage detected by this
+attack" — not "the model learns nothing". TPR at a false-positive rate is only reported
+where the non-member set can resolve that rate (at least 1/FPR non-members).
 """
 
 from __future__ import annotations
@@ -73,35 +76,29 @@ def bootstrap_ci(member_scores, nonmember_scores,
     return float(lo), float(hi)
 
 
-def balance(members, nonmembers, seed: int = SEED):
-    """Subsample the larger set (without replacement) to the size of the smaller one."""
+def calibrated_statistics(member_start, member_end, nonmember_start, nonmember_end,
+                          n_boot: int = N_BOOTSTRAP, seed: int = SEED) -> dict:
+    """The calibrated attack (score = start loss − end loss) against the loss-threshold
+    attack at the starting weights (score = −start loss): AUCs, the paired AUC gain with
+    its bootstrap interval, TPR at low FPR, and the verdict the interval supports."""
+    ms, me = np.asarray(member_start, float), np.asarray(member_end, float)
+    ns, ne = np.asarray(nonmember_start, float), np.asarray(nonmember_end, float)
+    m, n = ms - me, ns - ne
     rng = np.random.default_rng(seed)
-    k = min(len(members), len(nonmembers))
-
-    def pick(scores):
-        scores = np.asarray(scores, float)
-        if len(scores) == k:
-            return scores
-        return scores[np.sort(rng.choice(len(scores), k, replace=False))]
-
-    return pick(members), pick(nonmembers)
-
-
-def attack_scores(member_losses, nonmember_losses, seed: int = SEED):
-    """The loss-threshold attack's scores on balanced sets: −loss (members fit better)."""
-    m_loss, n_loss = balance(member_losses, nonmember_losses, seed)
-    return -m_loss, -n_loss
-
-
-def attack_statistics(member_losses, nonmember_losses, n_boot: int = N_BOOTSTRAP,
-                      seed: int = SEED) -> dict:
-    """AUC and TPR at low FPR of the attack, with bootstrap intervals."""
-    m, n = attack_scores(member_losses, nonmember_losses, seed)
-    m_loss, n_loss = -m, -n
-    out = {"auc": roc_auc(m, n), "auc_ci": list(bootstrap_ci(m, n, roc_auc, n_boot, seed=seed)),
+    gains = []
+    for _ in range(n_boot):
+        i, j = rng.integers(0, len(m), len(m)), rng.integers(0, len(n), len(n))
+        gains.append(roc_auc(m[i], n[j]) - roc_auc(-ms[i], -ns[j]))
+    auc, reference = roc_auc(m, n), roc_auc(-ms, -ns)
+    auc_ci = bootstrap_ci(m, n, roc_auc, n_boot, seed=seed)
+    out = {"attack": "calibrated-loss", "auc": auc, "auc_ci": list(auc_ci),
+           "reference_auc": reference, "auc_gain": auc - reference,
+           "auc_gain_ci": [float(q) for q in np.quantile(gains, [0.025, 0.975])],
+           "verdict": ("leakage detected by this attack" if auc_ci[0] > 0.5
+                       else "no leakage detected by this attack"),
            "tpr_at_fpr": {}, "tpr_at_fpr_ci": {},
            "n_members": len(m), "n_nonmembers": len(n),
-           "member_loss_mean": float(m_loss.mean()), "nonmember_loss_mean": float(n_loss.mean()),
+           "member_loss_mean": float(me.mean()), "nonmember_loss_mean": float(ne.mean()),
            "n_bootstrap": n_boot, "seed": seed}
     for fpr in (f for f in FPRS if len(n) * f >= 1):
         out["tpr_at_fpr"][str(fpr)] = tpr_at_fpr(m, n, fpr)
@@ -158,19 +155,14 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     with torch.random.fork_rng():    # the fresh weights of a run seeded like this one
         torch.manual_seed(cfg.seed)
         start = place_model(starting_model(store, cfg), model_device(model))
-    reference = (f"run {cfg.init_from}" if cfg.init_from
-                 else f"random initialisation (seed {cfg.seed})")
-    result = {"attack": "loss-threshold", "member_split": "train",
-              "nonmember_split": nonmember_split,
+    result = {"member_split": "train", "nonmember_split": nonmember_split,
               # the phantom's splits are one distribution; Duke's are different patients
               "same_subjects": bool(held_out) or bundle.kind != "duke",
-              **attack_statistics(losses(model, members), losses(model, nonmembers),
-                                  n_boot, seed),
-              # the same attack on the weights training started from: what the split
-              # itself gives away before the run saw any member (the AUC to beat)
-              "reference": reference,
-              "reference_auc": roc_auc(*attack_scores(losses(start, members),
-                                                      losses(start, nonmembers), seed)),
+              **calibrated_statistics(losses(start, members), losses(model, members),
+                                      losses(start, nonmembers), losses(model, nonmembers),
+                                      n_boot, seed),
+              "reference": (f"run {cfg.init_from}" if cfg.init_from
+                            else f"random initialisation (seed {cfg.seed})"),
               "created": time.time()}
     _store_audit(store, run_id, result)
     return result

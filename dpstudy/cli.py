@@ -34,6 +34,7 @@ COMMON = {
     "limit": ("--limit", int), "init_from": ("--init-from", str),
     "aug_multiplicity": ("--aug-multiplicity", int),
     "audit_holdout": ("--audit-holdout", float),
+    "audit_canaries": ("--audit-canaries", int),
     "normalisation": ("--normalisation", NORMALISATIONS),
     "randomness": ("--randomness", RANDOMNESS),
     "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
@@ -73,6 +74,8 @@ HELP = {
                         "(needs --augment)",
     "audit_holdout": "share of each training subject's B-scans kept out of training as "
                      "membership-audit non-members (e.g. 0.5)",
+    "audit_canaries": "m white-box gradient canaries for a one-run audit (an empirical lower "
+                      "bound on ε, stored as one_run_audit; e.g. 1000; 0 = none)",
     "normalisation": "per_image (default: each image by its own pixels, costs no privacy) "
                      "or train_split (the split's mean/std; non-private runs only)",
     "randomness": "seeded (default: noise and sampling from --seed, reproducible) or "
@@ -291,7 +294,10 @@ def cmd_audit(args) -> None:
             print(json.dumps({"run_id": run_id, **result}, ensure_ascii=False))
         else:
             lo, hi = result["auc_ci"]
-            print("  ".join([run_id, f"AUC {result['auc']:.3f} [{lo:.3f}, {hi:.3f}]",
+            glo, ghi = result["auc_gain_ci"]
+            print("  ".join([run_id, f"calibrated AUC {result['auc']:.3f} [{lo:.3f}, {hi:.3f}]",
+                             f"gain over the starting weights {result['auc_gain']:+.3f} "
+                             f"[{glo:+.3f}, {ghi:+.3f}]: {result['verdict']}",
                              *(f"TPR@FPR≤{f} {v:.3f}" for f, v in result["tpr_at_fpr"].items()),
                              f"({result['n_members']} members, {result['n_nonmembers']} "
                              f"non-members)"]))

@@ -20,7 +20,9 @@ from .config import RunConfig
 from .data.units import unit_loader
 from .errors import ConfigError
 from .device import model_device
+from .privacy import one_run_audit
 from .privacy.accounting import calibrate_noise
+from .privacy.canaries import GradientCanaries
 from .privacy.conv_grad_sample import use_native_conv_grad_sample
 from .privacy.ghost import BookKeepingDPOptimizer, BookKeepingModule
 from .privacy.optimizer import StudyDPOptimizer
@@ -34,7 +36,8 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
 def random_seed(cfg: RunConfig, stream: int) -> int:
-    """Seed of one random stream (0 Poisson sampling, 1 noise, 2 masks, 3 augmentation):
+    """Seed of one random stream (0 Poisson sampling, 1 noise, 2 masks, 3 augmentation,
+    4 audit canaries):
     from the run's seed, or from the operating system's entropy (``randomness =
     "os_entropy"``), so that nobody holding ``config.json`` can regenerate the noise."""
     return cfg.seed + stream if cfg.randomness == "seeded" else secrets.randbits(63)
@@ -50,9 +53,40 @@ class NonPrivate:
         self.noise_multiplier = None
         self.sample_rate = None
         self.n_units = None     # privacy units in the training set (B-scans or subjects)
+        self.canaries = None    # white-box audit canaries (``audit_canaries``)
 
     def attach(self, model, optimizer, loader):
+        if self.cfg.audit_canaries:   # unclipped and un-noised, as one more sample's gradient
+            canaries = self._canaries(optimizer, self.cfg.batch_size / len(loader.dataset))
+            params = self._audited(optimizer)
+
+            def insert(*_):
+                values = canaries.values(canaries.draw()) / self.cfg.batch_size
+                canaries.add_to([p.grad for p in params], values)
+                canaries.observe([p.grad for p in params])
+
+            optimizer.register_step_pre_hook(insert)
         return model, optimizer, loader
+
+    @staticmethod
+    def _audited(optimizer) -> list:
+        return [p for group in optimizer.param_groups for p in group["params"]
+                if p.requires_grad]
+
+    def _canaries(self, optimizer, sample_rate: float) -> GradientCanaries:
+        self.canaries = GradientCanaries([p.shape for p in self._audited(optimizer)],
+                                         self.cfg.audit_canaries, self.cfg.max_grad_norm,
+                                         sample_rate, random_seed(self.cfg, 4))
+        return self.canaries
+
+    def canary_audit(self) -> dict | None:
+        """The white-box one-run audit of this run (None without canaries): the ε lower
+        bound its canaries' scores support, at the run's δ."""
+        if self.canaries is None:
+            return None
+        return {"variant": "white-box", "steps": self.canaries.steps,
+                **one_run_audit.audit(self.canaries.scores.numpy(),
+                                      self.canaries.included.numpy(), self.cfg.delta)}
 
     def before_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         """Called before the first physical batch of every logical step."""
@@ -141,6 +175,9 @@ class Private(NonPrivate):
         optimizer.expected_batch_size = int(self.n_units * self.sample_rate)
         if cfg.grad_sample_mode == "native_conv":   # Opacus's hooks, dpstudy's conv sampler
             use_native_conv_grad_sample(model)
+        if cfg.audit_canaries:   # sampled like a unit, at the rate the accountant is told
+            optimizer.canaries = self._canaries(optimizer.original_optimizer,
+                                                self.accountant_sample_rate)
         self.optimizer = optimizer
         return model, optimizer, loader
 

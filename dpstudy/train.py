@@ -266,6 +266,8 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                               **_privacy_record(cfg, row["epsilon"], per_subject))
                 if progress:
                     tqdm.write(_summary(row, unit))
+            if (audit := method.canary_audit()) is not None:
+                writer.update(one_run_audit=audit)
             writer.save_checkpoint({k: v.detach().to("cpu", memory_format=torch.contiguous_format)
                                     for k, v in unwrap(released).state_dict().items()})
             if len(val_ds):  # the last epoch's predictions are the final model's

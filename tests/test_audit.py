@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from _runs import main
 
-from dpstudy.audit import (attack_statistics, audit_run, balance, bootstrap_ci, roc_auc,
+from dpstudy.audit import (audit_run, bootstrap_ci, calibrated_statistics, roc_auc,
                            runs_to_audit, tpr_at_fpr)
 from dpstudy.config import RunConfig
 from dpstudy.errors import DataError, StoreError
@@ -59,22 +59,30 @@ def test_separated_distributions_give_an_auc_near_one():
     assert tpr_at_fpr(m, n, 0.01) > 0.95
 
 
-def test_balance_subsamples_the_larger_set_reproducibly():
-    a, b = balance(np.arange(66.0), np.arange(100.0, 122.0))
-    assert len(a) == len(b) == 22 and set(a) <= set(range(66)) and len(set(a)) == 22
-    assert np.array_equal(a, balance(np.arange(66.0), np.arange(22.0))[0])
-    assert np.array_equal(b, np.arange(100.0, 122.0))
-
-
-def test_attack_reports_tpr_only_where_the_sample_resolves_the_rate():
+def test_calibration_separates_memorised_images_from_merely_easy_ones():
     rng = np.random.default_rng(0)
-    small = attack_statistics(rng.normal(size=66), rng.normal(size=22), n_boot=50)
-    assert small["n_members"] == small["n_nonmembers"] == 22
-    assert set(small["tpr_at_fpr"]) == {"0.1"}
-    large = attack_statistics(rng.normal(size=150), rng.normal(size=120), n_boot=50)
-    assert set(large["tpr_at_fpr"]) == {"0.1", "0.01"}
-    # low loss = member: members with smaller losses must give an AUC above 0.5
-    assert attack_statistics(rng.normal(0, 1, 50), rng.normal(3, 1, 50), n_boot=50)["auc"] > 0.9
+    # non-members are easier (lower loss before and after), members were fitted: the loss
+    # threshold points the wrong way, the loss drop finds the members
+    ms, ns = rng.normal(2.0, 0.3, 60), rng.normal(1.0, 0.3, 60)
+    me, ne = ms - rng.normal(0.8, 0.1, 60), ns - rng.normal(0.1, 0.1, 60)
+    out = calibrated_statistics(ms, me, ns, ne, n_boot=200)
+    assert out["attack"] == "calibrated-loss"
+    assert out["auc"] > 0.99 and roc_auc(-me, -ne) < 0.35   # the plain threshold misses
+    assert out["reference_auc"] == roc_auc(-ms, -ns) < 0.05
+    assert out["auc_gain"] == pytest.approx(out["auc"] - out["reference_auc"])
+    assert out["auc_gain_ci"][0] > 0.8 and out["verdict"] == "leakage detected by this attack"
+
+
+def test_calibrated_attack_keeps_every_image_and_reports_no_leakage_at_chance():
+    rng = np.random.default_rng(1)
+    start_m, start_n = rng.normal(1.0, 0.3, 66), rng.normal(1.0, 0.3, 22)
+    out = calibrated_statistics(start_m, start_m - 0.2 + rng.normal(0, 0.05, 66),
+                                start_n, start_n - 0.2 + rng.normal(0, 0.05, 22), n_boot=200)
+    assert (out["n_members"], out["n_nonmembers"]) == (66, 22)        # nothing balanced away
+    assert out["auc_ci"][0] <= 0.5 <= out["auc_ci"][1]
+    assert out["auc_gain_ci"][0] <= out["auc_gain"] <= out["auc_gain_ci"][1]
+    assert out["verdict"] == "no leakage detected by this attack"
+    assert set(out["tpr_at_fpr"]) == {"0.1"}          # 22 non-members cannot resolve 1 %
 
 
 @pytest.fixture(scope="module")

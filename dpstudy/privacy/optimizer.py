@@ -30,6 +30,7 @@ from opacus.optimizers.optimizer import (
     _mark_as_processed,
 )
 
+from .canaries import GradientCanaries
 from .clipping import clip_factor
 from .sparsification import Sparsifier
 
@@ -59,6 +60,7 @@ class StudyDPOptimizer(DPOptimizer):
         self.block_bound = max_grad_norm / math.sqrt(len(self.params))
         self.norm_log: list[torch.Tensor] = []      # per-unit total norms (pre-clip)
         self.clipped_log: list[torch.Tensor] = []   # per-unit: was any block scaled down
+        self.canaries: GradientCanaries | None = None   # white-box audit, set by the method
 
     @property
     def _masks(self) -> list[torch.Tensor] | None:
@@ -109,6 +111,11 @@ class StudyDPOptimizer(DPOptimizer):
 
     def add_noise(self):
         masks = self._masks
+        if self.canaries is not None:   # through the same masks and clip function
+            bound = self.block_bound if self.per_layer else self.max_grad_norm
+            self.canaries.add_to([p.summed_grad for p in self.params], self.canaries.clipped(
+                self.canaries.values(self.canaries.draw(), masks), self.clip_fn, bound,
+                self.gamma))
         for i, p in enumerate(self.params):
             _check_processed_flag(p.summed_grad)
             noise = _generate_noise(std=self.noise_multiplier * self.max_grad_norm,
@@ -118,6 +125,8 @@ class StudyDPOptimizer(DPOptimizer):
                 noise = noise * masks[i].to(noise)
             p.grad = (p.summed_grad + noise).view_as(p)
             _mark_as_processed(p.summed_grad)
+        if self.canaries is not None:
+            self.canaries.observe([p.grad for p in self.params])
 
     def pop_grad_stats(self) -> dict[str, float]:
         """Median per-unit gradient norm and fraction clipped since the last call.
