@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .landscape import landscape_cells, landscape_chart
 from .config import RunConfig
 from .store import RunStore
 
@@ -26,7 +27,8 @@ CONFIG_COLUMNS = [*(f.name for f in dataclasses.fields(RunConfig) if f.name not 
                   "data_fingerprint"]
 #: Headline metrics: seed mean under the metric's own name, spread under the second.
 SPREAD = {"val_dice_fg_mean": "val_dice_fg_std", "val_dice_all_mean": "val_dice_all_std",
-          "mia_auc": "mia_auc_std"}
+          "mia_auc": "mia_auc_std", "mia_auc_gain": "mia_auc_gain_std",
+          "audit_epsilon_lower_bound": "audit_epsilon_lower_bound_std"}
 SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm",
                  "target_epsilon", "epsilon", "n_seeds", "val_dice_fg_mean", "val_dice_fg_std",
                  "val_dice_all_mean", "val_dice_all_std", "mia_auc", "mia_auc_std"]
@@ -63,7 +65,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     keys = [c for c in CONFIG_COLUMNS if c in runs]
     # train_* columns are diagnostics (computed without noise), not published results
     metrics = [c for c in runs if c.startswith("val_")
-               or c in ("epsilon", "mia_auc", "mia_reference_auc", "duration_s")]
+               or c in ("epsilon", "mia_reference_auc", "duration_s", *SPREAD)]
     grouped = runs.groupby(keys, dropna=False, sort=False)
     summary = grouped[metrics].mean()
     for metric, spread in SPREAD.items():
@@ -117,6 +119,10 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     if s["mia_reference_auc"].notna().any():
         table["MIA AUC at start"] = s["mia_reference_auc"].map(
             lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    for title, metric in (("MIA AUC gain over start", "mia_auc_gain"),
+                          ("ε lower bound (one-run audit, 95 %)", "audit_epsilon_lower_bound")):
+        if metric in s and s[metric].notna().any():
+            table[title] = [_mean_spread(m, sd, 2) for m, sd in zip(s[metric], s[SPREAD[metric]])]
     return table if table["role"].any() else table.drop(columns="role")
 
 
@@ -155,9 +161,10 @@ def curves_chart(history: pd.DataFrame) -> alt.FacetChart:
     ).resolve_scale(y="independent").properties(title="Training curves (mean over seeds)")
 
 
-def figures(store: RunStore, runs: pd.DataFrame,
-            summary: pd.DataFrame) -> dict[str, alt.TopLevelMixin]:
-    """The report's charts by file stem; a chart without data is left out."""
+def figures(store: RunStore, runs: pd.DataFrame, summary: pd.DataFrame,
+            attempted: pd.DataFrame | None = None) -> dict[str, alt.TopLevelMixin]:
+    """The report's charts by file stem; a chart without data is left out. ``attempted``:
+    every selected run whatever its status (the landscape marks failed cells)."""
     if summary.empty:
         return {}
     studied = summary[~summary["pretraining"]]
@@ -172,6 +179,9 @@ def figures(store: RunStore, runs: pd.DataFrame,
         charts["dice_vs_sigma"] = plots.noise_chart(by_sigma)
     if studied["mia_auc"].notna().any():
         charts["audit_auc"] = plots.audit_chart(studied)
+    cells = landscape_cells(runs if attempted is None else attempted)
+    if len(cells) and cells.groupby(["method", "optimizer"])["lr"].nunique().max() > 1:
+        charts["landscape"] = landscape_chart(cells)
     return charts
 
 
@@ -193,7 +203,8 @@ def write_report(runs_dir, out, run_ids: list[str] | None = None) -> list[Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     listed = store.list_runs()
-    runs, excluded = completed_runs(listed if run_ids is None else select_runs(listed, run_ids))
+    attempted = listed if run_ids is None else select_runs(listed, run_ids)
+    runs, excluded = completed_runs(attempted)
     summary = summarise(runs)
     table = readable_table(summary)
     written = {"summary.csv": summary.to_csv(index=False), "table.csv": table.to_csv(index=False),
@@ -201,7 +212,7 @@ def write_report(runs_dir, out, run_ids: list[str] | None = None) -> list[Path]:
     for name, text in written.items():
         (out / name).write_text(text)
     paths = [out / name for name in written]
-    charts = figures(store, runs, summary)
+    charts = figures(store, runs, summary, attempted)
     for stem, chart in charts.items():
         (out / f"{stem}.png").write_bytes(plots.chart_to_png(chart))
         (out / f"{stem}.csv").write_bytes(plots.chart_to_csv(chart))

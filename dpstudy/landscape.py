@@ -1,0 +1,113 @@
+"""The tuning landscape: utility over (clipping setting × learning rate) per method and
+optimiser, at one privacy budget.
+
+How much tuning a method needs is the width of its good region, not its best cell: a
+heat map per method and optimiser shows both. The cells come from the run store as they
+are — a run that diverged or failed is a cell marked as such, never dropped, because
+"this learning rate breaks it" is part of the answer.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import pandas as pd
+
+from .config import DEFAULT_LR
+from .plots import METHOD_NAMES, metric_label
+
+#: What each method's second axis is (besides the learning rate).
+AXIS_TITLE = "clipping setting"
+
+
+def _axis_value(row) -> str:
+    """The row label of a cell: C for Abadi clipping, r* (and the clip function under
+    it) for Random Sparsification, nothing to tune for Automatic Clipping."""
+    if row["method"] == "dp_sgd":
+        return f"C = {row['max_grad_norm']:g}"
+    if row["method"] == "random_sparsification":
+        under = "Abadi, C = %g" % row["max_grad_norm"] if row["clip_fn"] == "abadi" \
+            else "Automatic"
+        return f"r* = {row['final_rate']:g} ({under})"
+    if row["method"] == "auto_clip":
+        return f"γ = {row['gamma']:g}"
+    return "–"
+
+
+def landscape_cells(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:
+    """One row per (method, optimiser, setting, learning rate) cell of the private runs
+    of a ``list_runs()`` table: the metric's mean over completed seeds, how many seeds,
+    and the cell's state (``ok``, ``diverged`` or ``failed``: no seed completed)."""
+    cols = ["method", "method_name", "optimizer", "setting", "lr", "lr_label", metric,
+            "n_seeds", "state", "run_ids"]
+    if runs.empty or "method" not in runs:
+        return pd.DataFrame(columns=cols)
+    runs = runs[runs["method"].ne("non_dp") & runs["status"].isin(["completed", "failed"])]
+    if runs.empty:
+        return pd.DataFrame(columns=cols)
+    default = [DEFAULT_LR[(m, o)] for m, o in zip(runs["method"], runs["optimizer"])]
+    runs = runs.assign(setting=runs.apply(_axis_value, axis=1),
+                       lr=pd.to_numeric(runs["lr"], errors="coerce").fillna(
+                           pd.Series(default, index=runs.index)))
+    cells = []
+    for (method, opt, setting, lr), g in runs.groupby(
+            ["method", "optimizer", "setting", "lr"], sort=True):
+        done = g[g["status"] == "completed"]
+        errors = " ".join(g["error"].fillna("").astype(str)) if "error" in g else ""
+        state = ("ok" if len(done) else "diverged" if "diverged" in errors else "failed")
+        value = pd.to_numeric(done[metric], errors="coerce").mean() if len(done) else np.nan
+        cells.append({"method": method, "method_name": METHOD_NAMES.get(method, method),
+                      "optimizer": opt, "setting": setting, "lr": lr, "lr_label": f"{lr:g}",
+                      metric: value, "n_seeds": len(done), "state": state,
+                      "run_ids": " ".join(g["run_id"])})
+    return pd.DataFrame(cells, columns=cols)
+
+
+def landscape_chart(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> alt.FacetChart:
+    """Heat maps, one per method (rows) and optimiser (columns): colour = the metric,
+    each cell annotated with its value, or 'diverged' / 'failed' on grey."""
+    label = metric_label(metric)
+    data = cells.assign(text=[f"{v:.3f}" if s == "ok" else s
+                              for v, s in zip(cells[metric], cells["state"])])
+    order = sorted(data["lr"].dropna().unique())
+    base = alt.Chart().encode(
+        x=alt.X("lr_label:O", title="learning rate", sort=[f"{v:g}" for v in order]),
+        y=alt.Y("setting:N", title=AXIS_TITLE))
+    heat = base.mark_rect().encode(
+        color=alt.condition(alt.datum.state == "ok",
+                            alt.Color(f"{metric}:Q", title=label,
+                                      scale=alt.Scale(scheme="viridis")),
+                            alt.value("#d9d9d9")),
+        tooltip=[alt.Tooltip("method_name:N", title="method"),
+                 alt.Tooltip("optimizer:N", title="optimiser"),
+                 alt.Tooltip("setting:N", title=AXIS_TITLE),
+                 alt.Tooltip("lr_label:N", title="learning rate"),
+                 alt.Tooltip(f"{metric}:Q", title=label, format=".3f"),
+                 alt.Tooltip("n_seeds:Q", title="seeds"),
+                 alt.Tooltip("state:N", title="state")])
+    text = base.mark_text(fontSize=10).encode(
+        text="text:N",
+        color=alt.condition(alt.datum.state == "ok", alt.value("white"), alt.value("black")))
+    return alt.layer(heat, text, data=data).properties(width=220, height=110).facet(
+        row=alt.Row("method_name:N", title=None),
+        column=alt.Column("optimizer:N", title="optimiser"),
+    ).resolve_scale(y="independent").properties(
+        title=f"Tuning landscape at equal B-scan-level ε: {label} per cell (mean over seeds)")
+
+
+def best_cells(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:
+    """Each (method, optimiser)'s best cell, and how much one learning-rate grid step off
+    it loses (the worse of its neighbours on its row, a diverged or failed one counting
+    as 0): the width of the good region, in the metric's units."""
+    rows = []
+    for (method, opt), g in cells[cells["state"] == "ok"].groupby(["method", "optimizer"]):
+        best = g.loc[g[metric].idxmax()]
+        line = cells[(cells["method"] == method) & (cells["optimizer"] == opt)
+                     & (cells["setting"] == best["setting"])].sort_values("lr")
+        i = list(line["lr"]).index(best["lr"])
+        neighbours = [line.iloc[j] for j in (i - 1, i + 1) if 0 <= j < len(line)]
+        values = [n[metric] if n["state"] == "ok" else 0.0 for n in neighbours]
+        rows.append({"method": method, "optimizer": opt, "setting": best["setting"],
+                     "lr": best["lr"], metric: best[metric],
+                     "loss_one_step_off": (best[metric] - min(values)) if values else np.nan})
+    return pd.DataFrame(rows)
