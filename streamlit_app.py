@@ -1,7 +1,7 @@
 """dpstudy's Streamlit app: ``streamlit run streamlit_app.py`` (or ``make app``).
 
 The navigation is explicit: :data:`dpstudy.ui.PAGES`, Overview at ``/`` then Study
-results, Launch, Masks, Frontier and Curves, each with its own title and no icon
+results, Launch, Masks, Frontier, Landscape and Curves, each with its own title and no icon
 (Material icons would be fetched from outside; the app makes no network requests). The
 page scripts live in ``app_pages/``, not ``pages/``: with a ``pages/`` folder Streamlit
 serves a fresh server's first request to a page URL with folder-based navigation.

@@ -46,9 +46,10 @@ PAGES = (("app_pages/overview.py", "Overview", ""),
          ("app_pages/launch.py", "Launch", "launch"),
          ("app_pages/masks.py", "Masks", "masks"),
          ("app_pages/frontier.py", "Frontier", "frontier"),
+         ("app_pages/landscape.py", "Landscape", "landscape"),
          ("app_pages/curves.py", "Curves", "curves"))
-OVERVIEW_PAGE, STUDY_PAGE, LAUNCH_PAGE, MASKS_PAGE, FRONTIER_PAGE, CURVES_PAGE = (
-    p for p, _, _ in PAGES)
+(OVERVIEW_PAGE, STUDY_PAGE, LAUNCH_PAGE, MASKS_PAGE, FRONTIER_PAGE, LANDSCAPE_PAGE,
+ CURVES_PAGE) = (p for p, _, _ in PAGES)
 
 
 def store() -> RunStore:

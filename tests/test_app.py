@@ -29,7 +29,7 @@ TINY = ["--data", "synthetic", "--limit", "4", "--batch-size", "2", "--image-siz
 RUNS = {"non_dp": ["--method", "non_dp"],
         "dp_sgd": ["--method", "dp_sgd", "--noise-multiplier", "1"],
         "auto_clip": ["--method", "auto_clip", "--noise-multiplier", "2"]}
-OVERVIEW, STUDY, LAUNCH, MASKS, FRONTIER, CURVES = (path for path, _, _ in PAGES)
+OVERVIEW, STUDY, LAUNCH, MASKS, FRONTIER, LANDSCAPE, CURVES = (path for path, _, _ in PAGES)
 #: Upper bound for a launched process to get somewhere: generous, the two cores are shared.
 LONG = 900
 #: form values for a tiny launch (widget key -> value)
