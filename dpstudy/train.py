@@ -196,6 +196,9 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         train_samples = train_samples + canaries.members
     _check_against_data(cfg, len(train_samples))
     log(f"data: {bundle.describe()}; device: {describe(device)['device']}")
+    if canaries is not None:
+        log(f"input-space audit: {len(canaries.members)} of {cfg.audit_canary_images} canary "
+            f"B-scans drawn into training (N = {len(train_samples)})")
 
     train_ds = SegmentationDataset(train_samples, cfg.image_size, norm_stats)
     val_ds = SegmentationDataset(val_samples, cfg.image_size, norm_stats)
