@@ -26,13 +26,16 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
+from .config import RunConfig
+from .data.canary_images import CanaryImages
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
 from .device import model_device, place_images, place_model
 from .errors import DataError, StoreError
 from .losses import per_sample_loss
-from .evaluate import load_trained, starting_model, stored_dataset
+from .evaluate import load_trained, starting_model, stored_dataset, unwrap
+from .privacy import one_run_audit
 from .store import CONFIG, RunLock, RunStore, atomic_write_json
 
 FPRS = (0.1, 0.01)
@@ -109,13 +112,34 @@ def calibrated_statistics(member_start, member_end, nonmember_start, nonmember_e
 
 @torch.no_grad()
 def sample_losses(model: torch.nn.Module, dataset: SegmentationDataset, dice_weight: float,
-                  batch_size: int = 8) -> np.ndarray:
+                  batch_size: int = 8, fluid_weight: float = 1.0) -> np.ndarray:
     """Per-sample training loss of every image, model in eval mode."""
     model.eval()
     device = model_device(model)
     return torch.cat([per_sample_loss(model(place_images(dataset.x[i:i + batch_size], device)),
-                                      dataset.y[i:i + batch_size].to(device), dice_weight)
+                                      dataset.y[i:i + batch_size].to(device), dice_weight,
+                                      fluid_weight)
                       for i in range(0, len(dataset), batch_size)]).cpu().numpy()
+
+
+def canary_image_audit(start: torch.nn.Module, final: torch.nn.Module, canaries: CanaryImages,
+                       cfg: RunConfig, stats: tuple[float, float] | None) -> dict:
+    """The input-space one-run audit: every canary B-scan, included or not, scored by its
+    loss at the starting weights minus its loss at the final weights (only the released
+    model is seen), turned into an ε lower bound at the run's δ. ``stats``: the run's
+    normalisation, so canaries are scored as they were trained on."""
+    data = SegmentationDataset(canaries.samples, cfg.image_size, stats)
+
+    def losses(net):
+        return sample_losses(unwrap(net), data, cfg.dice_weight, fluid_weight=cfg.fluid_weight)
+
+    scores = losses(start) - losses(final)
+    inc = canaries.included
+    return {"variant": "input-space", **one_run_audit.audit(scores, inc, cfg.delta),
+            "score": "loss at the starting weights − loss at the final weights",
+            "score_mean_included": float(scores[inc].mean()) if inc.any() else None,
+            "score_mean_excluded": float(scores[~inc].mean()) if (~inc).any() else None,
+            **canaries.record()}
 
 
 def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED,

@@ -35,6 +35,7 @@ COMMON = {
     "aug_multiplicity": ("--aug-multiplicity", int),
     "audit_holdout": ("--audit-holdout", float),
     "audit_canaries": ("--audit-canaries", int),
+    "audit_canary_images": ("--audit-canary-images", int),
     "normalisation": ("--normalisation", NORMALISATIONS),
     "randomness": ("--randomness", RANDOMNESS),
     "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
@@ -76,6 +77,10 @@ HELP = {
                      "membership-audit non-members (e.g. 0.5)",
     "audit_canaries": "m white-box gradient canaries for a one-run audit (an empirical lower "
                       "bound on ε, stored as one_run_audit; e.g. 1000; 0 = none)",
+    "audit_canary_images": "m canary B-scans (public phantom scans with a wrong mask), each "
+                           "trained on with probability ½, for the input-space one-run audit "
+                           "(only the final model seen; stored as one_run_audit_input; e.g. "
+                           "100; 0 = none)",
     "normalisation": "per_image (default: each image by its own pixels, costs no privacy) "
                      "or train_split (the split's mean/std; non-private runs only)",
     "randomness": "seeded (default: noise and sampling from --seed, reproducible) or "

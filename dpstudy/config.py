@@ -65,7 +65,8 @@ DEFAULT_LR = {
 #: statistics escaped ε), so new runs hash it and old ones keep their ids.
 HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "normalisation": "train_split",
                          "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0,
-                         "privacy_unit": "bscan", "device": "auto", "audit_canaries": 0}
+                         "privacy_unit": "bscan", "device": "auto", "audit_canaries": 0,
+                         "audit_canary_images": 0}
 #: Fields that never enter the hash: how the randomness was drawn does not make another
 #: experiment, and an os_entropy run cannot be reproduced from its config anyway; the
 #: device is where a run computes, not what (config.json records the one it ran on).
@@ -116,6 +117,7 @@ class RunConfig:
     audit_holdout: float = 0.0      # share of each training subject's scans kept out (MIA)
     init_from: str | None = None    # run id of a completed run whose weights start training
     audit_canaries: int = 0         # m white-box gradient canaries (one-run audit); 0 = none
+    audit_canary_images: int = 0    # m canary B-scans (input-space one-run audit); 0 = none
     seed: int = 0
     randomness: str = "seeded"
     device: str = "auto"            # auto | cpu | cuda | mps; not part of the run id
@@ -211,6 +213,11 @@ def validate(cfg: RunConfig) -> None:
     if not isinstance(cfg.audit_canaries, int) or cfg.audit_canaries < 0:
         raise ConfigError(f"audit_canaries={cfg.audit_canaries!r} must be an integer ≥ 0 "
                           f"(0: no one-run audit)")
+    if (not isinstance(cfg.audit_canary_images, int) or isinstance(cfg.audit_canary_images, bool)
+            or cfg.audit_canary_images < 0):
+        raise ConfigError(f"audit_canary_images={cfg.audit_canary_images!r} must be an integer "
+                          f"≥ 0: the number of canary B-scans of the input-space one-run "
+                          f"audit (0: none)")
     for name in ("max_physical_batch", "limit"):
         v = getattr(cfg, name)
         if v is not None and (not isinstance(v, int) or v < 1):

@@ -56,7 +56,8 @@ LABELS = {
     "gamma": "Automatic Clipping γ", "final_rate": "final sparsity r*",
     "refresh": "masks per epoch", "delta": "δ", "lr": "learning rate (empty: the method's "
     "default)", "limit": "images per split (empty: all)", "audit_holdout": "audit hold-out "
-    "share", "audit_canaries": "one-run audit canaries m (0: none)", "max_physical_batch": "largest physical batch (empty: no split)",
+    "share", "audit_canaries": "one-run audit canaries m (0: none)", "audit_canary_images":
+    "one-run audit canary B-scans m (0: none)", "max_physical_batch": "largest physical batch (empty: no split)",
 }
 
 

@@ -6,6 +6,7 @@ One loop for every method; what differs between methods lives in :mod:`dpstudy.m
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import platform
 import signal
@@ -20,7 +21,9 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from .audit import canary_image_audit
 from .config import RunConfig
+from .data.canary_images import CanaryImages
 from .data.dataset import SegmentationDataset
 from .data.holdout import split_holdout
 from .data.source import load_data
@@ -185,12 +188,20 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                         f"train/masks")
     train_samples, held_out = split_holdout(bundle.splits["train"], cfg.audit_holdout)
     val_samples = bundle.splits.get("val", [])
+    # statistics of the real split only: canaries do not move the normalisation
+    norm_stats, norm_record = _normalisation(cfg, train_samples)
+    canaries = (CanaryImages.for_run(cfg.audit_canary_images, random_seed(cfg, 5),
+                                     cfg.image_size) if cfg.audit_canary_images else None)
+    if canaries is not None:    # training units like any B-scan: in N, q and the accountant
+        train_samples = train_samples + canaries.members
     _check_against_data(cfg, len(train_samples))
     log(f"data: {bundle.describe()}; device: {describe(device)['device']}")
+    if canaries is not None:
+        log(f"input-space audit: {len(canaries.members)} of {cfg.audit_canary_images} canary "
+            f"B-scans drawn into training (N = {len(train_samples)})")
 
-    stats, norm_record = _normalisation(cfg, train_samples)
-    train_ds = SegmentationDataset(train_samples, cfg.image_size, stats)
-    val_ds = SegmentationDataset(val_samples, cfg.image_size, stats)
+    train_ds = SegmentationDataset(train_samples, cfg.image_size, norm_stats)
+    val_ds = SegmentationDataset(val_samples, cfg.image_size, norm_stats)
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(random_seed(cfg, 0)))
 
@@ -199,6 +210,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         _check_init_source(cfg, store)
     model = place_model(starting_model(store, cfg), device)
     set_trainable(model, cfg.trainable)
+    start = copy.deepcopy(model) if canaries is not None else None   # input-space audit
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
     method = build_method(cfg)
     model, optimizer, loader = method.attach(model, _optimizer(cfg, model), loader)
@@ -219,7 +231,8 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
         "data": {"spec": bundle.spec, "kind": bundle.kind, "root": bundle.root,
                  "fingerprint": bundle.fingerprint, "description": bundle.describe(),
                  "n_train": len(train_samples), "n_val": len(val_samples),
-                 "n_audit_holdout": len(held_out)},
+                 "n_audit_holdout": len(held_out),
+                 "n_canary_images": len(canaries.members) if canaries is not None else 0},
         "normalisation": norm_record, "randomness": cfg.randomness,
         "private": method.private, "sample_rate": method.sample_rate,
         "accountant_sample_rate": getattr(method, "accountant_sample_rate", None),
@@ -268,6 +281,9 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                     tqdm.write(_summary(row, unit))
             if (audit := method.canary_audit()) is not None:
                 writer.update(one_run_audit=audit)
+            if canaries is not None:
+                writer.update(one_run_audit_input=canary_image_audit(start, released, canaries,
+                                                                     cfg, norm_stats))
             writer.save_checkpoint({k: v.detach().to("cpu", memory_format=torch.contiguous_format)
                                     for k, v in unwrap(released).state_dict().items()})
             if len(val_ds):  # the last epoch's predictions are the final model's

@@ -7,7 +7,8 @@ one gradient per subject and clip that.
 
 Which B-scans share a subject is read from the names: Duke's ``Subject_SS_kk`` (the
 grouping :mod:`dpstudy.data.holdout` uses). Every phantom scan (``phantom_<seed>_<i>``)
-is its own subject: each is drawn from its own random stream, so no two share a person.
+is its own subject: each is drawn from its own random stream, so no two share a person;
+so is every audit canary (``canary_<i>``, :mod:`dpstudy.data.canary_images`).
 Any other name is refused rather than guessed, since a wrong grouping would make the
 subject-level guarantee false.
 """
@@ -22,6 +23,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.data._utils.collate import default_collate
 
+from dpstudy.data.canary_images import is_canary
 from dpstudy.data.holdout import subject_of
 from dpstudy.errors import ConfigError, DataError
 
@@ -30,10 +32,10 @@ _PHANTOM_SCAN = re.compile(r"phantom_\d+_\d+")
 
 
 def unit_of(name: str) -> str:
-    """The subject a B-scan belongs to (a phantom scan is its own)."""
+    """The subject a B-scan belongs to (a phantom scan or a canary is its own)."""
     if _SUBJECT_SCAN.fullmatch(name):
         return subject_of(name)
-    if _PHANTOM_SCAN.fullmatch(name):
+    if _PHANTOM_SCAN.fullmatch(name) or is_canary(name):
         return name
     raise DataError(f"B-scan {name!r}: cannot tell which subject it belongs to; "
                     f"privacy_unit=subject needs names Subject_<id>_<scan> "
