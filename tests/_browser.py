@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -30,10 +30,19 @@ NAV = {"Overview": "", "Study results": "study", "Launch": "launch", "Masks": "m
        "Frontier": "frontier", "Curves": "curves"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+#: What ``streamlit run`` logs once it listens: its URL, with the port the OS gave it
+#: (up to the end of the line, so that a line still being written is not read short).
+_LISTENING = re.compile(rb"URL: (http://127\.0\.0\.1:[1-9][0-9]*)\r?\n")
+
+
+def _listening_url(proc: subprocess.Popen, log_path: Path, deadline: float) -> str | None:
+    """The URL the server logged once it listens, or None if it exited or the time ran out."""
+    while proc.poll() is None and time.monotonic() < deadline:
+        found = _LISTENING.search(log_path.read_bytes())
+        if found:
+            return found.group(1).decode()
+        time.sleep(0.1)
+    return None
 
 
 def _healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
@@ -42,36 +51,33 @@ def _healthy(proc: subprocess.Popen, url: str, deadline: float) -> bool:
         try:
             with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
                 if r.read() == b"ok":
-                    return proc.poll() is None      # ours, not another server's
+                    return proc.poll() is None
         except OSError:
             time.sleep(0.1)
     return False
 
 
 @contextlib.contextmanager
-def streamlit_server(runs_dir: Path, log_path: Path, timeout: float = 60, attempts: int = 5):
-    """``streamlit run`` on a free loopback port with the store at ``runs_dir``; yields
-    the base URL once ``/_stcore/health`` answers, and stops the server by its pid.
+def streamlit_server(runs_dir: Path, log_path: Path, timeout: float = 60):
+    """``streamlit run`` on a loopback port with the store at ``runs_dir``; yields the
+    base URL once ``/_stcore/health`` answers, and stops the server by its pid.
 
-    The port is free when :func:`free_port` closes it, but another process may take it
-    before streamlit binds it; streamlit then exits with "Port … is not available" and
-    the server is started again on another port."""
+    The port is reserved without a race: streamlit binds port 0, the OS picks a free
+    port and the server holds it from that moment; the port is read from the URL the
+    server logs. (Choosing a free port here, closing it and passing its number on would
+    leave a moment in which another process can take it.)"""
     env = {**os.environ, "DPSTUDY_RUNS": str(runs_dir), "OMP_NUM_THREADS": "1"}
-    for attempt in range(attempts):
-        port = free_port()
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
-                 "--server.port", str(port), "--server.address", "127.0.0.1",
-                 "--server.headless", "true"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        url = f"http://127.0.0.1:{port}"
-        if _healthy(proc, url, time.monotonic() + timeout):
-            break
-        _stop(proc)
-        if "is not available" not in log_path.read_text() or attempt == attempts - 1:
-            raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(REPO / "streamlit_app.py"),
+             "--server.port", "0", "--server.address", "127.0.0.1",
+             "--server.headless", "true"],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
+        deadline = time.monotonic() + timeout
+        url = _listening_url(proc, log_path, deadline)
+        if url is None or not _healthy(proc, url, deadline):
+            raise RuntimeError(f"streamlit did not start:\n{log_path.read_text()}")
         yield url
     finally:
         _stop(proc)

@@ -8,6 +8,7 @@ writes ``docs/overview.png``, ``docs/study.png``, ``docs/launch.png``, ``docs/ma
 and ``docs/frontier.png``.
 """
 
+import contextlib
 import io
 import os
 import struct
@@ -76,18 +77,22 @@ def wait_completed(root: Path, count: int, timeout: float = 300) -> list[str]:
     raise AssertionError(f"runs in {root}: {store.list_runs().to_dict('records')}")
 
 
+#: How far the Overview's run table would scroll sideways (0: every column fits).
+OVERFLOW_JS = """() => {
+    const table = document.querySelector("[data-testid='stDataFrame']");
+    let most = 0;
+    for (const e of table.querySelectorAll('*')) {
+        const overflow = getComputedStyle(e).overflowX;
+        if (overflow === 'auto' || overflow === 'scroll')
+            most = Math.max(most, e.scrollWidth - e.clientWidth);
+    }
+    return most;
+}"""
+
+
 def horizontal_overflow(page) -> int:
     """How far the Overview's run table would scroll sideways (0: every column fits)."""
-    return page.evaluate("""() => {
-        const table = document.querySelector("[data-testid='stDataFrame']");
-        let most = 0;
-        for (const e of table.querySelectorAll('*')) {
-            const overflow = getComputedStyle(e).overflowX;
-            if (overflow === 'auto' || overflow === 'scroll')
-                most = Math.max(most, e.scrollWidth - e.clientWidth);
-        }
-        return most;
-    }""")
+    return page.evaluate(OVERFLOW_JS)
 
 
 def test_first_open_shows_the_committed_study(tmp_path):
@@ -141,7 +146,10 @@ def test_launch_watch_masks_overview_and_frontier_download(tmp_path):
         page.goto(url)
         page.locator("[data-testid='stDataFrame']").first.wait_for(timeout=30_000)
         wait_idle(page)
-        page.wait_for_timeout(1000)
+        # the grid sizes its columns after it is drawn: wait for that (not a fixed pause),
+        # then the assertion reports how far it overflows if it never fits
+        with contextlib.suppress(PlaywrightTimeout):
+            page.wait_for_function(f"() => ({OVERFLOW_JS})() === 0", timeout=10_000)
         assert horizontal_overflow(page) == 0  # status, epochs, duration in view at 1400 px
         screenshot(page, "overview")
 

@@ -17,6 +17,7 @@ def dpstudy(*args, cwd=None, env=None):
                           text=True, cwd=cwd, env=env, timeout=300)
 
 
+@pytest.mark.slow   # trains in subprocesses: 10-20 s on 2 shared cores
 def test_train_prints_the_run_directory_last_and_says_which_data(tmp_path):
     r = dpstudy("train", "--method", "auto_clip", "--noise-multiplier", "1.5", *TINY,
                 "--runs-dir", str(tmp_path))
@@ -43,6 +44,7 @@ def test_train_prints_the_run_directory_last_and_says_which_data(tmp_path):
     assert "—" in runs.stdout and "\\u2014" not in runs.stdout
 
 
+@pytest.mark.slow   # trains in subprocesses: 10-20 s on 2 shared cores
 def test_evaluate_takes_the_run_directory_train_printed(tmp_path):
     """From another directory, without --runs-dir: the path says which store."""
     r = dpstudy("train", *TINY, "--runs-dir", str(tmp_path / "store"))
@@ -77,6 +79,7 @@ def test_errors_are_one_line_without_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+@pytest.mark.slow   # trains in subprocesses: 10-20 s on 2 shared cores
 def test_data_location_falls_back_to_the_environment_then_the_phantom(tmp_path):
     import os
     env = {**os.environ, "DPSTUDY_DATA": str(tmp_path / "missing")}
@@ -88,6 +91,7 @@ def test_data_location_falls_back_to_the_environment_then_the_phantom(tmp_path):
     assert "synthetic OCT phantom" in r.stderr
 
 
+@pytest.mark.slow   # trains in subprocesses: 10-20 s on 2 shared cores
 def test_a_completed_run_is_not_retrained_without_force(tmp_path):
     args = ("train", *TINY, "--runs-dir", str(tmp_path))
     first = dpstudy(*args)

@@ -92,6 +92,7 @@ def test_sample_rate_and_steps_are_what_the_accountant_is_told(n, batch):
     assert dp.engine.accountant.history == [(opt.noise_multiplier, dp.accountant_sample_rate, 1)]
 
 
+@pytest.mark.slow   # four real trainings
 def test_os_entropy_noise_cannot_be_regenerated_from_the_config(tmp_path):
     cfg = RunConfig(**TINY, method="dp_sgd", noise_multiplier=1.0, randomness="os_entropy")
     assert cfg.run_id() == cfg.replace(randomness="seeded").run_id()
@@ -156,6 +157,7 @@ def test_weight_average_is_the_exponential_average_of_the_iterates():
     assert torch.allclose(avg.model.weight, expected)
 
 
+@pytest.mark.slow   # two real 2-epoch trainings
 def test_ema_run_saves_the_averaged_weights(tmp_path):
     base = RunConfig(**{**TINY, "epochs": 2}, method="dp_sgd", noise_multiplier=1.0)
     plain = torch.load(train(base, tmp_path, progress=False, log=quiet) / "model.pt",

@@ -1,7 +1,6 @@
 """Real tiny trainings of every method into a real run store."""
 
 import json
-import math
 
 import h5py
 import numpy as np
@@ -14,7 +13,7 @@ from dpstudy.classes import CLASS_SLUGS
 from dpstudy.config import RunConfig
 from dpstudy.data.source import load_data
 from dpstudy.errors import ConfigError, StoreError
-from dpstudy.evaluate import evaluate, evaluate_run, load_trained, stored_dataset
+from dpstudy.evaluate import evaluate, evaluate_run, load_trained, predict, stored_dataset
 from dpstudy.models import build_model
 from dpstudy.store import RunStore, load_checkpoint, load_weights, read_predictions
 from dpstudy.train import train
@@ -142,12 +141,42 @@ def test_target_epsilon_calibrates_the_noise(tmp_path):
     assert meta["noise_multiplier"] > 0
 
 
+def _dice_by_definition(preds: list[np.ndarray], masks: list[np.ndarray]) -> dict[str, float]:
+    """Per class, 2|P∩T|/(|P|+|T|) on each image where the class is predicted or present,
+    averaged over those images; the means over the scored classes; pooled accuracy."""
+    per_class = {}
+    for c, slug in enumerate(CLASS_SLUGS):
+        scores = [2 * ((p == c) & (m == c)).sum() / ((p == c).sum() + (m == c).sum())
+                  for p, m in zip(preds, masks) if (p == c).any() or (m == c).any()]
+        per_class[f"dice_{slug}"] = float(np.mean(scores)) if scores else float("nan")
+    values = list(per_class.values())
+    return {**per_class, "dice_fg_mean": float(np.nanmean(values[1:])),
+            "dice_all_mean": float(np.nanmean(values)),
+            "pixel_accuracy": float(sum((p == m).sum() for p, m in zip(preds, masks))
+                                    / sum(m.size for m in masks))}
+
+
 def test_evaluate_run_uses_stored_normalisation_and_any_split(trained):
+    """Rescored on its own validation images, a run gives the metrics its last history
+    row recorded (so the stored normalisation is the one training used); on the whole
+    test split, the Dice of its predictions computed here from the definition."""
     root, runs = trained
     run_id = next(iter(runs))
+    store = RunStore(root)
+    last = store.read_history(run_id).iloc[-1]
+    val = evaluate_run(root, run_id, split="val")
+    assert val["n_images"] == store.read_meta(run_id)["data"]["n_val"]
+    for key in ("loss", "dice_fg_mean", "dice_all_mean", "pixel_accuracy"):
+        assert val[key] == pytest.approx(last[f"val_{key}"], rel=1e-6), key
     m = evaluate_run(root, run_id, split="test", limit=None)
     assert m["split"] == "test" and m["n_images"] == 22  # the whole phantom test split
-    assert 0 <= m["dice_fg_mean"] <= 1 and not math.isnan(m["pixel_accuracy"])
+    meta, cfg, model = load_trained(store, run_id)
+    test = stored_dataset(load_data(cfg.data, None).splits["test"], cfg, meta)
+    _, native, _ = predict(model, test)
+    expected = _dice_by_definition(native, list(test.native_masks))
+    assert 0 < expected["dice_fg_mean"] < 1           # partly right: every term matters
+    for key, value in expected.items():
+        assert m[key] == pytest.approx(value, rel=1e-9, nan_ok=True), key
 
 
 def test_pretrained_weights_start_a_private_run(trained, tmp_path):
