@@ -168,6 +168,21 @@ def test_ema_run_saves_the_averaged_weights(tmp_path):
     assert any(not torch.equal(plain[k], ema[k]) for k in plain)
 
 
+def test_weight_average_is_the_exponential_average_of_the_iterates():
+    net = torch.nn.Linear(3, 2)
+    w0, b0 = net.weight.detach().clone(), net.bias.detach().clone()
+    average = WeightAverage(net, 0.5)
+    for _ in range(3):                                        # iterates w0+1, w0+2, w0+3
+        with torch.no_grad():
+            net.weight.add_(1.0)
+            net.bias.add_(1.0)
+        average.update(net)
+    # a1 = w0 + 0.5, a2 = 0.5·a1 + 0.5·(w0+2) = w0 + 1.25, a3 = w0 + 2.125
+    torch.testing.assert_close(average.model.weight, w0 + 2.125)
+    torch.testing.assert_close(average.model.bias, b0 + 2.125)
+    assert not average.model.weight.requires_grad               # never trained itself
+
+
 def test_fluid_weight_scales_the_cross_entropy_of_fluid_pixels_only():
     torch.manual_seed(0)
     logits = torch.randn(2, 9, 6, 5)
