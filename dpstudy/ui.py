@@ -1,9 +1,11 @@
 """Shared Streamlit widgets/caching for the app's pages (``app_pages/``).
 
 :data:`PAGES` is the navigation ``streamlit_app.py`` builds; every page reads the run
-store only through this module. Reads are cached with ``st.cache_data`` keyed on a store signature (the mtimes
-of each run's files: one directory scan and a few ``stat`` calls), so a rerun costs
-almost nothing and anything a trainer writes invalidates the cache. ``running`` is
+store only through this module. Reads are cached with ``st.cache_data`` keyed on a store
+signature (mtime, inode and size of each run's files: one directory scan and a few
+``stat`` calls), so a rerun costs almost nothing and anything a trainer writes
+invalidates the cache: files are replaced atomically, so every write is a new inode,
+even one within the file system's timestamp granularity of the last. ``running`` is
 re-checked on every call: a killed trainer changes no file, it only releases its lock.
 
 It lives in the library, next to the code it shows, rather than among the page scripts.
@@ -57,7 +59,7 @@ def store() -> RunStore:
 
 
 def signature(root: Path) -> tuple:
-    """``(run id, mtimes of its files)`` per run: changes whenever a trainer writes."""
+    """``(run id, stamps of its files)`` per run: changes whenever a trainer writes."""
     try:
         with os.scandir(root) as entries:
             names = sorted(e.name for e in entries if e.is_dir() and RUN_ID_RE.fullmatch(e.name))
@@ -65,17 +67,19 @@ def signature(root: Path) -> tuple:
         return ()
     sig = []
     for name in names:
-        mtimes = tuple(_mtime(root / name / f) for f in (CONFIG, HISTORY, PREDICTIONS))
-        if mtimes[0]:  # no config.json: not a run (yet)
-            sig.append((name, mtimes))
+        stamps = tuple(_stamp(root / name / f) for f in (CONFIG, HISTORY, PREDICTIONS))
+        if stamps[0]:  # no config.json: not a run (yet)
+            sig.append((name, stamps))
     return tuple(sig)
 
 
-def _mtime(path: Path) -> int:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or replaced; None if there is none."""
     try:
-        return path.stat().st_mtime_ns
+        info = path.stat()
     except OSError:
-        return 0
+        return None
+    return info.st_mtime_ns, info.st_ino, info.st_size
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -118,18 +122,14 @@ def histories(run_ids) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def _predictions(root: str, run_id: str, mtime: int) -> dict:
+def _predictions(root: str, run_id: str, stamp) -> dict:
     return read_predictions(RunStore(root), run_id)
 
 
 def predictions(run_id: str) -> dict:
     """Saved validation predictions of a run; ``StoreError`` if it has none."""
     s = store()
-    try:
-        mtime = (s.path(run_id) / PREDICTIONS).stat().st_mtime_ns
-    except FileNotFoundError:
-        mtime = 0  # read_predictions says what is missing
-    return _predictions(str(s.root), run_id, mtime)
+    return _predictions(str(s.root), run_id, _stamp(s.path(run_id) / PREDICTIONS))
 
 
 def downloads(chart, name: str, exports=(PNG, SVG, CSV)) -> None:
