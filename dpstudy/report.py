@@ -172,6 +172,8 @@ def figures(store: RunStore, runs: pd.DataFrame,
         charts["dice_vs_sigma"] = plots.noise_chart(by_sigma)
     if studied["mia_auc"].notna().any():
         charts["audit_auc"] = plots.audit_chart(studied)
+    if per_run.get("epsilon_lower_bound", pd.Series(dtype=float)).notna().any():
+        charts["empirical_epsilon"] = plots.empirical_epsilon_chart(per_run)
     return charts
 
 
