@@ -28,3 +28,8 @@ if done["mia_auc"].notna().any():
                "attack, members against held-out images; 0.5 is chance. ε bounds what any "
                "attacker learns, the audit measures what this one does.")
     chart_block(plots.audit_chart(done), "audit_auc")
+if done["epsilon_lower_bound"].notna().any():
+    st.caption("One-run canary audit: the B-scan-level ε that the audit proves at 95 % "
+               "confidence (y) against the ε the accounting claims (x). Points on or below "
+               "the claimed-ε line agree with the accounting; runs never audited are absent.")
+    chart_block(plots.empirical_epsilon_chart(done), "empirical_epsilon")

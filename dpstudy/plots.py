@@ -83,6 +83,9 @@ TITLES = {
     "mia_auc": "membership-inference AUC", "mia_auc_std": "AUC spread (sd)",
     "mia_reference_auc": "AUC of the starting weights", "n_seeds": "seeds",
     "mia_same_subjects": "same-patient non-members", "config": "configuration",
+    "epsilon_lower_bound": "B-scan-level ε lower bound (audit, 95 %)",
+    "audit_canaries": "audit canaries", "mia_auc_gain": "MIA AUC gain",
+    "mia_verdict": "membership audit verdict",
     "train_loss": "training loss", "val_loss": "validation loss",
     "grad_norm_median": "gradient-norm median", "clipped_fraction": "clipped fraction",
     "series": "series", "value": "value", "dice": "Dice",
@@ -300,6 +303,35 @@ def audit_chart(runs: pd.DataFrame) -> alt.LayerChart:
                                            ).properties(
         width=WIDTH, height=HEIGHT,
         title=alt.Title("Empirical privacy: loss-threshold attack", subtitle=subtitle))
+
+
+def empirical_epsilon_chart(runs: pd.DataFrame) -> alt.LayerChart:
+    """Claimed against measured privacy: each DP run's theoretical ε (x) and the lower
+    bound its one-run canary audit proves (y), with the line y = x ("claimed ε"): a
+    point above it would contradict the accounting. Non-private runs (ε = ∞) are
+    labelled dashed rules at their bound; runs never audited are left out. Points sit
+    at their true ε (no dodge), since a shift would move them relative to the line."""
+    data = _run_fields(runs, "epsilon_lower_bound")
+    data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)].copy()
+    data["audit_canaries"] = pd.to_numeric(runs.get("audit_canaries"), errors="coerce")
+    top = 1.05 * float(np.nanmax([*data["epsilon"].where(data["method"] != "non_dp"),
+                                  *data["epsilon_lower_bound"], 1.0]))
+    label = "B-scan-level ε lower bound (audit, 95 %)"
+    calc, tips, public = _tips(data, "epsilon_lower_bound", ("audit_canaries",))
+    x = alt.X("epsilon:Q", title="B-scan-level ε (theoretical)", axis=alt.Axis(format=NUMBER))
+    claimed = alt.Chart(pd.DataFrame({"epsilon": [0.0, top], "epsilon_lower_bound": [0.0, top],
+                                      "text": ["", "claimed ε"]})).encode(
+        x=x, y="epsilon_lower_bound:Q")
+    diagonal = [claimed.mark_line(color="#999999", strokeDash=[4, 3]),
+                claimed.mark_text(align="right", baseline="bottom", dx=-8, fontSize=11,
+                                  color="#555555").encode(text="text:N")]
+    points = _points(x, "epsilon_lower_bound", label, tips).transform_filter(
+        alt.datum.method != "non_dp")
+    return alt.layer(*diagonal, *_reference("epsilon_lower_bound", public), points, data=data
+                     ).transform_calculate(**calc).properties(
+        width=WIDTH, height=HEIGHT,
+        title=alt.Title("Empirical privacy: one-run canary audit",
+                        subtitle="a point above the claimed-ε line would contradict ε"))
 
 
 def curves_chart(history: pd.DataFrame, columns: list[str], title: str,

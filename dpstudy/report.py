@@ -28,7 +28,7 @@ CONFIG_COLUMNS = [*(f.name for f in dataclasses.fields(RunConfig) if f.name not 
 #: Headline metrics: seed mean under the metric's own name, spread under the second.
 SPREAD = {"val_dice_fg_mean": "val_dice_fg_std", "val_dice_all_mean": "val_dice_all_std",
           "mia_auc": "mia_auc_std", "mia_auc_gain": "mia_auc_gain_std",
-          "audit_epsilon_lower_bound": "audit_epsilon_lower_bound_std"}
+          "epsilon_lower_bound": "epsilon_lower_bound_std"}
 SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm",
                  "target_epsilon", "epsilon", "n_seeds", "val_dice_fg_mean", "val_dice_fg_std",
                  "val_dice_all_mean", "val_dice_all_std", "mia_auc", "mia_auc_std"]
@@ -120,7 +120,7 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
         table["MIA AUC at start"] = s["mia_reference_auc"].map(
             lambda v: "" if pd.isna(v) else f"{v:.3f}")
     for title, metric in (("MIA AUC gain over start", "mia_auc_gain"),
-                          ("ε lower bound (one-run audit, 95 %)", "audit_epsilon_lower_bound")):
+                          ("ε lower bound (one-run audit, 95 %)", "epsilon_lower_bound")):
         if metric in s and s[metric].notna().any():
             table[title] = [_mean_spread(m, sd, 2) for m, sd in zip(s[metric], s[SPREAD[metric]])]
     return table if table["role"].any() else table.drop(columns="role")
@@ -179,6 +179,8 @@ def figures(store: RunStore, runs: pd.DataFrame, summary: pd.DataFrame,
         charts["dice_vs_sigma"] = plots.noise_chart(by_sigma)
     if studied["mia_auc"].notna().any():
         charts["audit_auc"] = plots.audit_chart(studied)
+    if per_run.get("epsilon_lower_bound", pd.Series(dtype=float)).notna().any():
+        charts["empirical_epsilon"] = plots.empirical_epsilon_chart(per_run)
     cells = landscape_cells(runs if attempted is None else attempted)
     if len(cells) and cells.groupby(["method", "optimizer"])["lr"].nunique().max() > 1:
         charts["landscape"] = landscape_chart(cells)

@@ -206,8 +206,9 @@ class RunStore:
             row["mia_same_subjects"] = audit.get("same_subjects")
             row["mia_reference_auc"] = audit.get("reference_auc")
             row["mia_auc_gain"] = audit.get("auc_gain")
-            row["audit_epsilon_lower_bound"] = (meta.get("one_run_audit") or {}).get(
-                "epsilon_lower_bound")
+            row["mia_verdict"] = audit.get("verdict")
+            one_run = meta.get("one_run_audit") or {}
+            row["epsilon_lower_bound"] = one_run.get("epsilon_lower_bound")
             for subject, dice in (meta.get("val_dice_fg_by_subject") or {}).items():
                 row[f"val_dice_fg_{subject}"] = dice
             if len(hist):

@@ -1,9 +1,11 @@
 """Shared Streamlit widgets/caching for the app's pages (``app_pages/``).
 
 :data:`PAGES` is the navigation ``streamlit_app.py`` builds; every page reads the run
-store only through this module. Reads are cached with ``st.cache_data`` keyed on a store signature (the mtimes
-of each run's files: one directory scan and a few ``stat`` calls), so a rerun costs
-almost nothing and anything a trainer writes invalidates the cache. ``running`` is
+store only through this module. Reads are cached with ``st.cache_data`` keyed on a store
+signature (mtime, inode and size of each run's files: one directory scan and a few
+``stat`` calls), so a rerun costs almost nothing and anything a trainer writes
+invalidates the cache: files are replaced atomically, so every write is a new inode,
+even one within the file system's timestamp granularity of the last. ``running`` is
 re-checked on every call: a killed trainer changes no file, it only releases its lock.
 
 It lives in the library, next to the code it shows, rather than among the page scripts.
@@ -33,7 +35,8 @@ COLUMNS = ("run_id", "status", "error", "model", "method", "noise_multiplier",
            "max_grad_norm", "clipping", "epsilon", "val_dice_fg_mean", "val_dice_all_mean",
            "duration_s", "epochs", "epochs_done", "train_loss", "data_kind",
            "data_fingerprint", "data_description", "updated", "mia_auc", "mia_same_subjects",
-           "data", "base_width", "depth")
+           "data", "base_width", "depth", "epsilon_lower_bound", "audit_canaries", "mia_auc_gain",
+           "mia_verdict")
 PNG = ("png", plots.chart_to_png, "image/png")
 SVG = ("svg", plots.chart_to_svg, "image/svg+xml")
 CSV = ("csv", plots.chart_to_csv, "text/csv")
@@ -58,7 +61,7 @@ def store() -> RunStore:
 
 
 def signature(root: Path) -> tuple:
-    """``(run id, mtimes of its files)`` per run: changes whenever a trainer writes."""
+    """``(run id, stamps of its files)`` per run: changes whenever a trainer writes."""
     try:
         with os.scandir(root) as entries:
             names = sorted(e.name for e in entries if e.is_dir() and RUN_ID_RE.fullmatch(e.name))
@@ -66,17 +69,19 @@ def signature(root: Path) -> tuple:
         return ()
     sig = []
     for name in names:
-        mtimes = tuple(_mtime(root / name / f) for f in (CONFIG, HISTORY, PREDICTIONS))
-        if mtimes[0]:  # no config.json: not a run (yet)
-            sig.append((name, mtimes))
+        stamps = tuple(_stamp(root / name / f) for f in (CONFIG, HISTORY, PREDICTIONS))
+        if stamps[0]:  # no config.json: not a run (yet)
+            sig.append((name, stamps))
     return tuple(sig)
 
 
-def _mtime(path: Path) -> int:
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written or replaced; None if there is none."""
     try:
-        return path.stat().st_mtime_ns
+        info = path.stat()
     except OSError:
-        return 0
+        return None
+    return info.st_mtime_ns, info.st_ino, info.st_size
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -119,18 +124,14 @@ def histories(run_ids) -> pd.DataFrame:
 
 
 @st.cache_data(show_spinner=False, max_entries=4)
-def _predictions(root: str, run_id: str, mtime: int) -> dict:
+def _predictions(root: str, run_id: str, stamp) -> dict:
     return read_predictions(RunStore(root), run_id)
 
 
 def predictions(run_id: str) -> dict:
     """Saved validation predictions of a run; ``StoreError`` if it has none."""
     s = store()
-    try:
-        mtime = (s.path(run_id) / PREDICTIONS).stat().st_mtime_ns
-    except FileNotFoundError:
-        mtime = 0  # read_predictions says what is missing
-    return _predictions(str(s.root), run_id, mtime)
+    return _predictions(str(s.root), run_id, _stamp(s.path(run_id) / PREDICTIONS))
 
 
 def downloads(chart, name: str, exports=(PNG, SVG, CSV)) -> None:
@@ -202,12 +203,20 @@ def data_filter(df: pd.DataFrame) -> pd.DataFrame:
 
 #: Overview columns by importance, with their titles: these fit 1400 px ...
 OVERVIEW_MAIN = {"status": "status", "method": "method", "model": "model",
-                 "epsilon": "B-scan-level ε", "val_dice_fg_mean": "Dice (foreground)",
+                 "epsilon": "B-scan-level ε",
+                 "epsilon_lower_bound": "ε lower bound (audit, 95 %)",
+                 "mia_auc_gain": "MIA AUC gain", "val_dice_fg_mean": "Dice (foreground)",
                  "epochs_done": "epochs", "duration_s": "duration", "run_id": "run"}
+#: Audit results: shown only once a run of the table has one (else a column of "–" would
+#: cost the width that keeps status, epochs and duration in view).
+AUDIT_COLUMNS = ("epsilon_lower_bound", "mia_auc_gain", "mia_verdict")
 #: ... and these come with "all columns".
 OVERVIEW_MORE = {"noise_multiplier": "noise σ", "max_grad_norm": "clipping bound C",
                  "val_dice_all_mean": "Dice (all classes)", "mia_auc": "membership AUC",
+                 "mia_verdict": "membership audit verdict",
                  "seed": "seed", "data_kind": "data", "updated": "last update"}
+#: Overview columns shown as they are (every other one is a number).
+TEXT_COLUMNS = ["status", "method", "model", "run_id", "data_kind", "mia_verdict"]
 MISSING = "–"
 
 
@@ -228,9 +237,10 @@ def overview_table(df: pd.DataFrame, all_columns: bool = False):
     value as its placeholder, whatever the Styler says). Values stay numbers underneath
     (a pandas Styler), so columns sort as numbers: a non-private run's ε is infinite and
     its σ 0."""
-    cols = {**OVERVIEW_MAIN, **(OVERVIEW_MORE if all_columns else {})}
+    cols = {k: v for k, v in {**OVERVIEW_MAIN, **(OVERVIEW_MORE if all_columns else {})}.items()
+            if k not in AUDIT_COLUMNS or df.get(k, pd.Series()).notna().any()}
     table = df.reindex(columns=list(cols)).reset_index(drop=True)
-    for col in table.columns.difference(["status", "method", "model", "run_id", "data_kind"]):
+    for col in table.columns.difference(TEXT_COLUMNS):
         table[col] = pd.to_numeric(table[col], errors="coerce")
     if "updated" in table:
         table["updated"] = pd.to_datetime(table["updated"], unit="s")
@@ -240,7 +250,8 @@ def overview_table(df: pd.DataFrame, all_columns: bool = False):
         table.loc[public, "noise_multiplier"] = 0.0
     formats = {"method": lambda v: plots.METHOD_NAMES.get(v, v),
                "model": lambda v: plots.MODEL_NAMES.get(v, v),
-               "epsilon": "{:.3g}", "noise_multiplier": "{:.3g}", "max_grad_norm": "{:.3g}",
+               "epsilon": "{:.3g}", "epsilon_lower_bound": "{:.3g}", "mia_auc_gain": "{:+.3f}",
+               "noise_multiplier": "{:.3g}", "max_grad_norm": "{:.3g}",
                "val_dice_fg_mean": "{:.3f}", "val_dice_all_mean": "{:.3f}",
                "mia_auc": "{:.3f}", "epochs_done": "{:.0f}", "seed": "{:.0f}",
                "duration_s": duration, "updated": "{:%Y-%m-%d %H:%M}"}

@@ -93,8 +93,10 @@ def test_non_private_reference_line_is_labelled(runs):
 
 def test_one_palette_for_every_chart_and_the_report(runs, history):
     """Method colours come from one scale everywhere; legends say human names."""
-    audit = runs.assign(mia_auc=[0.6, 0.5, 0.52, 0.51, 0.5, None])
+    audit = runs.assign(mia_auc=[0.6, 0.5, 0.52, 0.51, 0.5, None],
+                        epsilon_lower_bound=[2.0, 0.5, None, 0.3, 0.2, None])
     charts = [plots.frontier_chart(runs), plots.noise_chart(runs), plots.audit_chart(audit),
+              plots.empirical_epsilon_chart(audit),
               report.curves_chart(history.assign(config=1, val_dice_fg_mean=0.5))]
     for chart in charts:
         colours = [enc["color"] for enc in _encodings(chart.to_dict())
@@ -105,6 +107,17 @@ def test_one_palette_for_every_chart_and_the_report(runs, history):
     legend = plots.method_colour().to_dict()["legend"]["labelExpr"]
     assert all(f"'{name}'" in legend for name in plots.METHOD_NAMES.values())
     assert plots.METHOD_SCALE.to_dict()["domain"] == list(METHODS)
+
+
+def test_empirical_epsilon_chart_labels_the_claim_and_leaves_out_unaudited_runs(runs):
+    audited = runs.assign(epsilon_lower_bound=[2.0, 0.5, None, 0.3, 0.2, None])
+    chart = plots.empirical_epsilon_chart(audited)
+    assert list(chart.data["run_id"]) == ["np", "s1", "s3", "a2"]
+    svg = plots.chart_to_svg(chart)
+    assert "claimed ε" in svg and "non-private U-Net" in svg
+    assert "B-scan-level ε (theoretical)" in svg and "ε lower bound (audit, 95 %)" in svg
+    assert rendered_text(chart, "tip_epsilon_lower_bound", chart.data) == ["2", "0.5", "0.3",
+                                                                          "0.2"]
 
 
 def _encodings(spec):
