@@ -23,6 +23,10 @@ if not chosen:
     st.info("Choose runs to overlay.")
     st.stop()
 history = histories(chosen)
+st.caption("ε is B-scan-level. For DP runs the training loss, the gradient-norm median and "
+           "the clipped fraction are computed from private training data without noise: "
+           "diagnostics, not covered by ε (and left out of the reports' tables). Automatic "
+           "Clipping rescales every gradient, so it has no clipped fraction.")
 charts = {title: plots.curves_chart(history, columns, title, runs=chosen)
           for title, columns in plots.CURVES.items()}
 for title, chart in charts.items():

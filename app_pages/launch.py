@@ -252,7 +252,7 @@ def _metrics(row) -> None:
     done = int(row.epochs_done) if pd.notna(row.epochs_done) else 0
     total = int(row.epochs) if pd.notna(row.epochs) else max(done, 1)
     st.progress(done / total, text=f"{row.run_id}: epoch {done} of {total}")
-    shown = [("training loss", row.train_loss, ".4g"), ("Dice (foreground)",
+    shown = [("training loss (diagnostic)", row.train_loss, ".4g"), ("Dice (foreground)",
              row.val_dice_fg_mean, ".3f")]
     if row.method != "non_dp":
         shown += [("B-scan-level ε so far", row.epsilon, ".3g"),

@@ -86,7 +86,8 @@ TITLES = {
     "epsilon_lower_bound": "B-scan-level ε lower bound (audit, 95 %)",
     "audit_canaries": "audit canaries", "mia_auc_gain": "MIA AUC gain",
     "mia_verdict": "membership audit verdict",
-    "train_loss": "training loss", "val_loss": "validation loss",
+    # computed from private data without noise: diagnostics, not covered by ε
+    "train_loss": "training loss (diagnostic)", "val_loss": "validation loss",
     "grad_norm_median": "gradient-norm median", "clipped_fraction": "clipped fraction",
     "series": "series", "value": "value", "dice": "Dice",
     **{v: k for k, v in UTILITY_METRICS.items()},

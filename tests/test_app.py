@@ -212,6 +212,7 @@ def test_study_page_shows_committed_reports_with_their_commands(tmp_path, app_fo
 
 # --- Overview, Masks, Frontier, Curves ----------------------------------------------
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_overview_table_is_for_people(run_store, app_for):
     at = app_for(run_store)
     at.run()
@@ -240,6 +241,7 @@ def test_overview_table_is_for_people(run_store, app_for):
     assert "synthetic" in at.dataframe[-1].value["data"].tolist()
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_unfinished_runs_show_epochs_done_of_total(run_store, tmp_path, app_for):
     root = tmp_path / "runs"
     shutil.copytree(run_store, root)
@@ -255,6 +257,7 @@ def test_unfinished_runs_show_epochs_done_of_total(run_store, tmp_path, app_for)
     assert at.dataframe[1].value["run"].tolist() == [dp_run]  # runs that did not finish
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_masks_page_shows_image_truth_prediction_and_comparison(run_store, app_for):
     at = run_page(app_for(run_store), MASKS)
     (dp_run,), (np_run,) = run_ids(run_store, "dp_sgd"), run_ids(run_store, "non_dp")
@@ -282,6 +285,7 @@ def test_masks_page_shows_image_truth_prediction_and_comparison(run_store, app_f
     assert f"A: {dp_run}" in chart.proto.spec and f"B: {np_run}" in chart.proto.spec
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_masks_and_curves_preselect_runs_from_a_link(run_store, app_for):
     (dp_run,), (ac_run,) = run_ids(run_store, "dp_sgd"), run_ids(run_store, "auto_clip")
     at = app_for(run_store)
@@ -293,6 +297,7 @@ def test_masks_and_curves_preselect_runs_from_a_link(run_store, app_for):
     assert at.multiselect(key="curve_runs").value == [ac_run, dp_run]
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_frontier_contains_every_dp_run(run_store, app_for):
     at = run_page(app_for(run_store), FRONTIER)
     frontier, by_sigma, by_epochs = at.get("vega_lite_chart")
@@ -306,6 +311,7 @@ def test_frontier_contains_every_dp_run(run_store, app_for):
     assert "val_dice_fluid" in at.get("vega_lite_chart")[0].proto.spec
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_audited_runs_show_their_attack_auc_next_to_epsilon(run_store, tmp_path, app_for):
     from dpstudy.audit import audit_run
     root = tmp_path / "runs"
@@ -322,19 +328,21 @@ def test_audited_runs_show_their_attack_auc_next_to_epsilon(run_store, tmp_path,
     assert table.loc[dp, "membership AUC"].tolist() == [f"{a:.3f}" for a in audited.values()]
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_curves_overlay_runs_with_one_colour_per_run(run_store, app_for):
     at = run_page(app_for(run_store), CURVES)
     charts = at.get("vega_lite_chart")
     assert len(charts) == 5
     loss = chart_data(charts[0])
     assert set(loss["run_id"]) == set(os.listdir(run_store))
-    assert set(loss["series"]) == {"training loss", "validation loss"}
+    assert set(loss["series"]) == {"training loss (diagnostic)", "validation loss"}
     scales = {json.dumps(json.loads(c.proto.spec)["layer"][0]["encoding"]["color"]["scale"])
               for c in charts}
     assert len(scales) == 1  # the ε chart (DP runs only) colours each run as the others do
     assert len(at.get("download_button")) == 5 * 3 + 2
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_broken_and_interrupted_runs_never_break_a_page(run_store, tmp_path, app_for):
     root = tmp_path / "runs"
     shutil.copytree(run_store, root)
@@ -634,6 +642,7 @@ def launches(launched, monkeypatch):
     return launched
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_a_launched_run_finishes_with_its_results_and_links(launches):
     at, root = launches["at"], launches["root"]
     record = launches["tiny"]
@@ -669,6 +678,7 @@ def test_the_run_listing_sees_a_rewrite_within_one_timestamp_tick(tmp_path):
     assert ui.signature(tmp_path) != before
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_a_grid_shows_run_k_of_n(launches):
     at, root, record = launches["at"], launches["root"], launches["grid"]
     assert len(record["run_ids"]) == 2 and record["label"] == "Grid of 2 runs"
@@ -684,6 +694,7 @@ def test_a_grid_shows_run_k_of_n(launches):
     assert launcher.state(launch_record(root, record["id"]))[0] == "completed"
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_one_cancel_control_per_process_and_cancelled_in_words(launches):
     at, root, record = launches["at"], launches["root"], launches["long"]
     assert "--epochs=500" in record["argv"]
@@ -718,6 +729,7 @@ def test_a_launch_that_fails_says_why_in_words(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow   # trains real models (the run_store / launched fixtures)
 def test_evaluation_and_audit_start_from_the_overview(run_store, tmp_path, app_for):
     root = tmp_path / "runs"
     shutil.copytree(run_store, root)

@@ -168,7 +168,7 @@ def test_noise_chart_excludes_non_private(runs):
 def test_curves_chart_stacks_series(history):
     chart = plots.curves_chart(history, plots.CURVES["loss"], "loss")
     assert len(chart.data) == 8
-    assert set(chart.data["series"]) == {"training loss", "validation loss"}
+    assert set(chart.data["series"]) == {"training loss (diagnostic)", "validation loss"}
     assert "strokeDash" in chart.to_dict()["layer"][0]["encoding"]
     eps = plots.epsilon_epochs_chart(history)
     assert eps.data["run_id"].unique().tolist() == ["s1"]  # non-private: no ε
