@@ -12,6 +12,7 @@ def _run(method, lr, dice, status="completed", error="", C=1.0, opt="sgd", seed=
     return {"run_id": f"{method}-{opt}-{C}-{lr}-{seed}-{kw}", "method": method, "optimizer": opt,
             "lr": lr, "max_grad_norm": C, "clip_fn": kw.get("clip_fn", "abadi"),
             "final_rate": kw.get("final_rate", 0.9), "gamma": 0.01, "status": status,
+            "clipping": kw.get("clipping", "flat"),
             "error": error, "val_dice_fg_mean": dice, "seed": seed}
 
 
@@ -22,6 +23,7 @@ def runs():
         _run("dp_sgd", 0.1, 0.60), _run("dp_sgd", 1.0, 0.70), _run("dp_sgd", 1.0, 0.72, seed=1),
         _run("dp_sgd", 10.0, np.nan, "failed", "Diverged: training diverged in epoch 1"),
         _run("dp_sgd", 1.0, 0.50, C=0.1),
+        _run("dp_sgd", 1.0, 0.90, clipping="per_layer"),            # a row of its own
         _run("auto_clip", 0.1, 0.65), _run("auto_clip", 1.0, 0.66),
         _run("auto_clip", 10.0, np.nan, "failed", "OSError: disk full"),
         _run("random_sparsification", None, 0.61, opt="adam", final_rate=0.5),
@@ -31,7 +33,8 @@ def runs():
 
 def test_cells_average_seeds_and_keep_failures_as_marked_cells(runs):
     cells = landscape_cells(runs).set_index(["method", "setting", "lr"])
-    assert len(cells) == 8
+    assert len(cells) == 9
+    assert cells.loc[("dp_sgd", "C = 1, per layer", 1.0), "val_dice_fg_mean"] == 0.9
     ok = cells.loc[("dp_sgd", "C = 1", 1.0)]
     assert ok["val_dice_fg_mean"] == pytest.approx(0.71) and ok["n_seeds"] == 2
     assert cells.loc[("dp_sgd", "C = 1", 10.0), "state"] == "diverged"
@@ -44,9 +47,12 @@ def test_cells_average_seeds_and_keep_failures_as_marked_cells(runs):
 def test_best_cell_and_the_cost_of_one_learning_rate_step(runs):
     best = best_cells(landscape_cells(runs)).set_index(["method", "optimizer"])
     dp = best.loc[("dp_sgd", "sgd")]
-    assert (dp["setting"], dp["lr"]) == ("C = 1", 1.0)
+    assert (dp["setting"], dp["lr"]) == ("C = 1, per layer", 1.0)     # alone on its row
+    assert np.isnan(dp["loss_one_step_off"])
+    flat = best_cells(landscape_cells(runs[runs["clipping"] == "flat"])).set_index(
+        ["method", "optimizer"]).loc[("dp_sgd", "sgd")]
     # neighbours on its row: 0.60 at lr 0.1 and a divergence (counts 0) at lr 10
-    assert dp["loss_one_step_off"] == pytest.approx(0.71)
+    assert (flat["setting"], flat["loss_one_step_off"]) == ("C = 1", pytest.approx(0.71))
     ac = best.loc[("auto_clip", "sgd")]
     assert ac["val_dice_fg_mean"] == 0.66 and ac["loss_one_step_off"] == pytest.approx(0.66)
 
