@@ -93,7 +93,7 @@ class RunConfig:
     delta: float = 1e-5
     accountant: str = "rdp"
     privacy_unit: str = "bscan"     # "subject": Poisson-sample patients, clip each one's sum
-    grad_sample_mode: str = "native_conv"   # fastest on CPU (bench/dp_step.py)
+    grad_sample_mode: str = "ghost_mixed"   # fastest on CPU (bench/dp_step.py, README Speed)
     # optimisation
     epochs: int = 10
     batch_size: int = 8
