@@ -27,7 +27,7 @@ SCREENSHOTS = os.environ.get("DPSTUDY_SCREENSHOTS") == "1"
 MAX_SCREENSHOT_BYTES = 300_000
 #: The sidebar navigation (``dpstudy.ui.PAGES``), in order: label -> URL path.
 NAV = {"Overview": "", "Study results": "study", "Launch": "launch", "Masks": "masks",
-       "Frontier": "frontier", "Curves": "curves"}
+       "Frontier": "frontier", "Landscape": "landscape", "Curves": "curves"}
 
 
 #: What ``streamlit run`` logs once it listens: its URL, with the port the OS gave it
