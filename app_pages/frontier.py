@@ -3,7 +3,7 @@
 import streamlit as st
 
 from dpstudy import plots
-from dpstudy.ui import chart_block, data_filter, histories, no_runs, runs
+from dpstudy.ui import anchors, chart_block, data_filter, histories, no_runs, runs
 
 st.title("Privacy–utility frontier")
 df = runs()
@@ -17,8 +17,10 @@ metric = plots.UTILITY_METRICS[label]
 st.caption("Completed runs only; validation metrics of the last epoch. ε is B-scan-level: "
            "it bounds what the model reveals about any one training B-scan. Lines: each "
            "method's Pareto front (one dash per method); labelled dashed rules: non-private "
-           "runs. Points of different methods at the same σ or ε are drawn slightly apart.")
-chart_block(plots.frontier_chart(done, metric), "frontier")
+           "runs; dotted grey rule: the ε = 0 anchor, what the public pretraining alone scores "
+           "on these runs' validation images. Points of different methods at the same σ or "
+           "ε are drawn slightly apart.")
+chart_block(plots.frontier_chart(done, metric, anchors=anchors(done, metric)), "frontier")
 chart_block(plots.noise_chart(done, metric), "utility_vs_sigma")
 private_ids = list(done.loc[done["method"] != "non_dp", "run_id"])
 chart_block(plots.epsilon_epochs_chart(histories(private_ids), runs=private_ids),

@@ -212,6 +212,19 @@ def _reference(metric: str, tips: list) -> list[alt.Chart]:
     return [rule, text]
 
 
+def _anchor_rules(anchors: pd.DataFrame | None, metric: str) -> list[alt.Chart]:
+    """The ε = 0 anchors as dotted grey rules labelled at their left end."""
+    if anchors is None or anchors.empty or metric not in anchors:
+        return []
+    data = anchors.assign(label=[f"ε = 0: {MODEL_NAMES.get(m, m)} pretraining alone {v:.3f}"
+                                 for m, v in zip(anchors["model"], anchors[metric])])
+    base = alt.Chart(data).encode(y=f"{metric}:Q")
+    return [base.mark_rule(color="#888888", strokeDash=[1, 3], strokeWidth=2).encode(
+                tooltip=[alt.Tooltip("label:N", title="anchor")]),
+            base.mark_text(align="left", baseline="top", dx=4, dy=3, fontSize=11,
+                           color="#666666").encode(x=alt.value(0), text="label:N")]
+
+
 def _tips(data: pd.DataFrame, metric: str, extra=()) -> tuple[dict, list, list]:
     """Calculated fields, tooltips of private runs, tooltips of non-private runs."""
     fields = (metric, *extra, *CONFIG_FIELDS)
@@ -220,11 +233,13 @@ def _tips(data: pd.DataFrame, metric: str, extra=()) -> tuple[dict, list, list]:
 
 
 def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
-                   spread: str | None = None) -> alt.LayerChart:
+                   spread: str | None = None,
+                   anchors: pd.DataFrame | None = None) -> alt.LayerChart:
     """ε (log) against utility: DP runs as points, each method's Pareto front as a line
     (one dash per method), non-private runs as labelled horizontal rules. With ``spread``
     (a column of per-row spreads, e.g. the seed std of a report's summary), each point
-    gets a ± bar."""
+    gets a ± bar. ``anchors`` (:func:`dpstudy.anchor.epsilon_zero_anchors`): the ε = 0
+    score of the public pretraining per model, a dotted labelled rule."""
     data = _run_fields(runs, metric)
     data = data[(data["method"] == "non_dp") | (data["epsilon"] > 0)].copy()
     bars = []
@@ -248,7 +263,8 @@ def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
             x=x, y="lower:Q", y2="upper:Q", color=method_colour(),
         ).transform_filter(private & alt.expr.isValid(alt.datum.lower))]
     points = _points(x, metric, label, tips).transform_filter(private)
-    return alt.layer(*_reference(metric, public), front, *bars, points, data=data).transform_calculate(
+    return alt.layer(*_anchor_rules(anchors, metric), *_reference(metric, public), front,
+                     *bars, points, data=data).transform_calculate(
         epsilon_shown=_dodge("epsilon", 1.06, log=True), **calc).properties(
         width=WIDTH, height=HEIGHT, title=f"Privacy–utility frontier: {label}")
 

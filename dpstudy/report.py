@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import plots
+from .anchor import epsilon_zero_anchors
 from .landscape import landscape_cells, landscape_chart
 from .config import RunConfig
 from .store import RunStore
@@ -169,8 +170,10 @@ def figures(store: RunStore, runs: pd.DataFrame, summary: pd.DataFrame,
         return {}
     studied = summary[~summary["pretraining"]]
     per_run = runs[runs["run_id"].isin(" ".join(studied["run_ids"]).split())]
-    charts = {f"frontier_{model}": plots.frontier_chart(rows, spread="val_dice_fg_std")
-              .properties(title=f"Privacy–utility frontier, {model} (mean ± sd over seeds)")
+    anchors = epsilon_zero_anchors(store, per_run)
+    charts = {f"frontier_{model}": plots.frontier_chart(
+        rows, spread="val_dice_fg_std", anchors=anchors[anchors["model"] == model])
+        .properties(title=f"Privacy–utility frontier, {model} (mean ± sd over seeds)")
         for model, rows in studied.groupby("model")}
     if len(studied):
         charts["curves"] = curves_chart(stacked_history(store, studied))

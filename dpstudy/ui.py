@@ -22,6 +22,7 @@ import pandas as pd
 import streamlit as st
 
 from dpstudy import estimate, launcher, plots
+from dpstudy.anchor import epsilon_zero_anchors
 from dpstudy.cli import START_HINT
 from dpstudy.data.duke import available_splits
 from dpstudy.data.source import SYNTHETIC, SYNTHETIC_SIZES
@@ -88,6 +89,21 @@ def _stamp(path: Path) -> tuple[int, int, int] | None:
 def _runs(root: str, sig: tuple) -> pd.DataFrame:
     df = RunStore(root).list_runs()
     return df.reindex(columns=list(dict.fromkeys((*COLUMNS, *df.columns))))
+
+
+@st.cache_data(show_spinner="Scoring the public pretraining on the validation split "
+                             "(the ε = 0 anchor)…", max_entries=8)
+def _anchors(root: str, sig: tuple, run_ids: tuple, metric: str) -> pd.DataFrame:
+    s = RunStore(root)
+    listed = s.list_runs()
+    return epsilon_zero_anchors(s, listed[listed["run_id"].isin(run_ids)], metric)
+
+
+def anchors(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The ε = 0 anchors of the DP runs in ``df`` (:mod:`dpstudy.anchor`), cached until a
+    run's files change."""
+    s = store()
+    return _anchors(str(s.root), signature(s.root), tuple(sorted(df["run_id"])), metric)
 
 
 def runs() -> pd.DataFrame:
