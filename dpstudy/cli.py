@@ -187,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="report only this profile's runs (and list those not "
                                      "yet completed); give the --data the sweep was given")
     p.add_argument("--data", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="with --profile: the seeds the sweep was given (its --seeds)")
 
     p = sub.add_parser("prepare-duke", help="convert Subject_XX.mat files to the .npy layout")
     p.add_argument("src", type=Path)
@@ -316,11 +318,12 @@ def cmd_report(args) -> None:
     from .sweep import load_profile
     run_ids = None
     if args.profile:
-        configs, _ = load_profile(args.profile, {"data": resolve_data_spec(args.data)})
+        configs, _ = load_profile(args.profile, {"data": resolve_data_spec(args.data)},
+                                  seeds=args.seeds)
         run_ids = [c.run_id() for c in configs]
-    elif args.data:
-        raise ConfigError("report: --data only says which runs a --profile means; "
-                          "give --profile too")
+    elif args.data or args.seeds:
+        raise ConfigError("report: --data and --seeds only say which runs a --profile "
+                          "means; give --profile too")
     for path in write_report(args.runs_dir, args.out, run_ids):
         print(path)
 

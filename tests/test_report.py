@@ -195,3 +195,10 @@ def test_report_of_one_profile_lists_its_runs_and_those_not_started(study, tmp_p
     assert "not started" in report and "unet-failed-run" not in report
     rc, _, err = main(capsys, "report", str(root), "--data", "synthetic")
     assert rc == 2 and "--profile" in err
+    # --seeds replaces the profile's seed lists, as the sweep's --seeds does
+    rc, _, err = main(capsys, "report", str(root), "--out", str(tmp_path / "seed1"),
+                      "--profile", str(profile), "--data", "synthetic", "--seeds", "1")
+    assert rc == 0, err
+    seed1 = pd.read_csv(tmp_path / "seed1" / "summary.csv")
+    dp_seed1 = {c.run_id() for c in configs if c.method == "dp_sgd" and c.seed == 1}
+    assert dp_seed1 and set(" ".join(seed1["run_ids"]).split()) == {configs[0].run_id(), *dp_seed1}
