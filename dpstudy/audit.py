@@ -187,6 +187,9 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
                                       n_boot, seed),
               "reference": (f"run {cfg.init_from}" if cfg.init_from
                             else f"random initialisation (seed {cfg.seed})"),
+              # the members' losses are computed from private training images without
+              # noise: an auditor's diagnostic, not a release covered by ε
+              "covered_by_epsilon": False,
               "created": time.time()}
     _store_audit(store, run_id, result)
     return result
