@@ -26,9 +26,11 @@ private_ids = list(done.loc[done["method"] != "non_dp", "run_id"])
 chart_block(plots.epsilon_epochs_chart(histories(private_ids), runs=private_ids),
             "epsilon_vs_epochs")
 if done["mia_auc"].notna().any():
-    st.caption("Membership-inference audit (`dpstudy audit`): the AUC of a loss-threshold "
-               "attack, members against held-out images; 0.5 is chance. ε bounds what any "
-               "attacker learns, the audit measures what this one does.")
+    st.caption("Membership-inference audit (`dpstudy audit`): the AUC of a calibrated attack "
+               "(each image scored by how much training lowered its loss), members against "
+               "held-out images; 0.5 is chance. ε bounds what any attacker learns, the audit "
+               "measures what this one does; computed from the private images without noise, "
+               "it is a diagnostic, not covered by ε.")
     chart_block(plots.audit_chart(done), "audit_auc")
 if done["epsilon_lower_bound"].notna().any():
     st.caption("One-run canary audit: the B-scan-level ε that the audit proves at 95 % "

@@ -319,7 +319,8 @@ def audit_chart(runs: pd.DataFrame) -> alt.LayerChart:
                      ).transform_calculate(epsilon_shown=_dodge("epsilon", 1.06, log=True), **calc
                                            ).properties(
         width=WIDTH, height=HEIGHT,
-        title=alt.Title("Empirical privacy: loss-threshold attack", subtitle=subtitle))
+        title=alt.Title("Empirical privacy: calibrated membership attack (loss drop)",
+                        subtitle=subtitle))
 
 
 def empirical_epsilon_chart(runs: pd.DataFrame) -> alt.LayerChart:

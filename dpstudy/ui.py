@@ -302,7 +302,8 @@ def run_actions(run_id: str, data: str, key: str) -> None:
     audit, split, evaluate = st.columns([2, 1, 2], vertical_alignment="bottom")
     started = None
     if audit.button("Membership audit", key=f"{key}-audit-{run_id}",
-                    help="dpstudy audit RUN: a loss-threshold membership-inference attack"):
+                    help="dpstudy audit RUN: a calibrated membership-inference attack (each image's "
+                         "loss drop from the starting weights)"):
         started = launcher.launch(["audit", run_id], store().root,
                                   label=f"Membership audit of {run_id}")
     splits = splits_of(data)

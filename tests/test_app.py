@@ -321,7 +321,7 @@ def test_audited_runs_show_their_attack_auc_next_to_epsilon(run_store, tmp_path,
     at = run_page(app_for(root), FRONTIER)
     audit = chart_data(at.get("vega_lite_chart")[3]).set_index("run_id")
     assert audit["mia_auc"].to_dict() == audited and (audit["epsilon"] > 0).all()
-    assert "loss-threshold attack" in at.get("vega_lite_chart")[3].proto.spec
+    assert "calibrated membership attack" in at.get("vega_lite_chart")[3].proto.spec
     at = run_page(app_for(root), OVERVIEW)
     at.toggle(key="all_columns").set_value(True).run()
     table = shown_table(at.dataframe[0]).set_index("run")
