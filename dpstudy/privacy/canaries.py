@@ -34,6 +34,12 @@ class GradientCanaries:
         self.param = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
         self.local = flat - offsets[self.param]
         self.included = torch.rand(m, generator=self.generator) < 0.5
+        # per parameter tensor: which canaries sit on it and their coordinates as a
+        # multi-index, computed once (gradients may be channels-last, where a flat view of
+        # memory is not the logical order)
+        self.sites = [(sel, torch.unravel_index(self.local[sel], shape))
+                      for sel, shape in ((self.param == i, shape)
+                                         for i, shape in enumerate(shapes))]
         self.norm, self.sample_rate = float(norm), float(sample_rate)
         self.scores = torch.zeros(m, dtype=torch.float64)
         self.steps = 0
@@ -48,8 +54,8 @@ class GradientCanaries:
         Random Sparsification's current ``masks`` drop its coordinate."""
         values = torch.where(present, self.norm, 0.0).double()
         if masks is not None:
-            values = values * torch.stack([masks[int(i)].reshape(-1)[int(j)].double().cpu()
-                                           for i, j in zip(self.param, self.local)])
+            for (sel, where), mask in zip(self.sites, masks):
+                values[sel] *= mask[_on(where, mask)].double().cpu()
         return values
 
     def clipped(self, values: torch.Tensor, clip_fn: str, bound: float, gamma: float
@@ -58,21 +64,18 @@ class GradientCanaries:
         over the whole gradient or its block alike (``bound``: C flat, C/√L per layer)."""
         return values * clip_factor(clip_fn, values, bound, gamma)
 
-    def _where(self, i: int, g: torch.Tensor):
-        """Canaries on parameter ``i``, and their coordinates as a multi-index: gradients
-        may be channels-last, where a flat view of memory is not the logical order."""
-        sel = self.param == i
-        return sel, torch.unravel_index(self.local[sel].to(g.device), g.shape)
-
     def add_to(self, grads: list[torch.Tensor], contributions: torch.Tensor) -> None:
         """Add per-canary values into the matching gradient tensors."""
-        for i, g in enumerate(grads):
-            sel, where = self._where(i, g)
-            g.index_put_(where, contributions[sel].to(g), accumulate=True)
+        for (sel, where), g in zip(self.sites, grads):
+            g.index_put_(_on(where, g), contributions[sel].to(g), accumulate=True)
 
     def observe(self, grads: list[torch.Tensor]) -> None:
         """Accumulate the released update at every canary's coordinate (its score)."""
-        for i, g in enumerate(grads):
-            sel, where = self._where(i, g)
-            self.scores[sel] += g.detach()[where].double().cpu()
+        for (sel, where), g in zip(self.sites, grads):
+            self.scores[sel] += g.detach()[_on(where, g)].double().cpu()
         self.steps += 1
+
+
+def _on(where: tuple[torch.Tensor, ...], t: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A multi-index on ``t``'s device (a no-op on the CPU)."""
+    return tuple(w.to(t.device) for w in where)
