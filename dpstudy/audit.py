@@ -122,6 +122,13 @@ def sample_losses(model: torch.nn.Module, dataset: SegmentationDataset, dice_wei
                       for i in range(0, len(dataset), batch_size)]).cpu().numpy()
 
 
+def run_losses(net: torch.nn.Module, dataset: SegmentationDataset, cfg: RunConfig
+               ) -> np.ndarray:
+    """Each image's loss under ``net``, as the run's training loss defines it: the one
+    loss both the membership attack and the input-space audit score with."""
+    return sample_losses(unwrap(net), dataset, cfg.dice_weight, fluid_weight=cfg.fluid_weight)
+
+
 def canary_image_audit(start: torch.nn.Module, final: torch.nn.Module, canaries: CanaryImages,
                        cfg: RunConfig, stats: tuple[float, float] | None) -> dict:
     """The input-space one-run audit: every canary B-scan, included or not, scored by its
@@ -129,11 +136,7 @@ def canary_image_audit(start: torch.nn.Module, final: torch.nn.Module, canaries:
     model is seen), turned into an ε lower bound at the run's δ. ``stats``: the run's
     normalisation, so canaries are scored as they were trained on."""
     data = SegmentationDataset(canaries.samples, cfg.image_size, stats)
-
-    def losses(net):
-        return sample_losses(unwrap(net), data, cfg.dice_weight, fluid_weight=cfg.fluid_weight)
-
-    scores = losses(start) - losses(final)
+    scores = run_losses(start, data, cfg) - run_losses(final, data, cfg)
     inc = canaries.included
     return {"variant": "input-space", **one_run_audit.audit(scores, inc, cfg.delta),
             "score": "loss at the starting weights − loss at the final weights",
@@ -174,7 +177,7 @@ def audit_run(runs_dir, run_id: str, n_boot: int = N_BOOTSTRAP, seed: int = SEED
     nonmembers = held_out or bundle.splits[nonmember_split]
 
     def losses(net, samples):
-        return sample_losses(net, stored_dataset(samples, cfg, meta), cfg.dice_weight)
+        return run_losses(net, stored_dataset(samples, cfg, meta), cfg)
 
     with torch.random.fork_rng():    # the fresh weights of a run seeded like this one
         torch.manual_seed(cfg.seed)
