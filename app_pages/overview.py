@@ -72,7 +72,8 @@ if shown[["epsilon_lower_bound", "mia_auc_gain"]].notna().any(axis=None):
     st.caption("ε and its lower bound are B-scan-level: they bound what the model reveals about "
                "one training B-scan. The lower bound comes from a one-run canary audit (95 % "
                "confidence); MIA AUC gain is the membership attack's AUC minus that of the "
-               "starting weights. A lower bound far below ε means the attack found less than "
+               "starting weights — computed from the private training images without noise, "
+               "an auditor's diagnostic not covered by ε. A lower bound far below ε means the attack found less than "
                "ε allows, not that ε is loose; one above ε would contradict the accounting.")
 
 trouble = df[df["status"].isin(["failed", "interrupted", "broken", "cancelled"])]

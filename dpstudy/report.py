@@ -232,7 +232,10 @@ PRIVACY_NOTE = (
     "contributes several (group privacy bounds what that implies per patient). Training "
     "loss, the median per-sample gradient norm and the clipped fraction of a DP run are "
     "computed from private data without noise: diagnostics, not covered by ε, and not in "
-    "the tables. Learning rates, the C grid and epochs were chosen on validation Dice "
+    "the tables. The membership-attack columns (MIA AUC, its gain) are an auditor's "
+    "diagnostic computed from the private training images, likewise not covered by ε; the "
+    "one-run audit's ε lower bound is post-processing of the released updates and public "
+    "canaries. Learning rates, the C grid and epochs were chosen on validation Dice "
     "(Duke subjects 7–8), so validation scores are optimistic; the independent check is "
     "`dpstudy evaluate RUN --data OTHER --split test` on other patients.\n")
 

@@ -93,17 +93,16 @@ def _runs(root: str, sig: tuple) -> pd.DataFrame:
 
 @st.cache_data(show_spinner="Scoring the public pretraining on the validation split "
                              "(the ε = 0 anchor)…", max_entries=8)
-def _anchors(root: str, sig: tuple, run_ids: tuple, metric: str) -> pd.DataFrame:
-    s = RunStore(root)
-    listed = s.list_runs()
-    return epsilon_zero_anchors(s, listed[listed["run_id"].isin(run_ids)], metric)
+def _anchors(root: str, sig: tuple, rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return epsilon_zero_anchors(RunStore(root), rows, metric)
 
 
 def anchors(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The ε = 0 anchors of the DP runs in ``df`` (:mod:`dpstudy.anchor`), cached until a
     run's files change."""
     s = store()
-    return _anchors(str(s.root), signature(s.root), tuple(sorted(df["run_id"])), metric)
+    cols = [c for c in ("run_id", "method", "model", "init_from", "data", "limit") if c in df]
+    return _anchors(str(s.root), signature(s.root), df[cols], metric)
 
 
 def runs() -> pd.DataFrame:
