@@ -216,10 +216,7 @@ def _estimate(configs: list[RunConfig], jobs: int) -> tuple[float, str]:
     """Seconds until every run not yet completed is done, and the estimate's basis."""
     est, s = estimator(), store()
     todo = [c for c in configs if not s.is_completed(c.run_id())]
-    first = {c.init_from for c in todo}
-    waves = [[est.seconds(c, *estimate.data_sizes(c.data, c.limit)) for c in todo
-              if (c.run_id() in first) == wave] for wave in (True, False)]
-    return estimate.makespan(waves, jobs), est.basis(todo or configs)
+    return estimate.remaining_seconds(est, todo, jobs), est.basis(todo or configs)
 
 
 def form() -> None:

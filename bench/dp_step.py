@@ -24,12 +24,15 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from dpstudy.privacy import conv_grad_sample
 
 from dpstudy.config import DEVICES, DP_METHODS, GRAD_SAMPLE_MODES, MODELS, RunConfig
 from dpstudy.device import describe, resolve_device
@@ -54,6 +57,7 @@ class Variant:
     method: str
     mode: str | None          # grad-sample mode; None for the non-private baseline
     memory_format: str        # a key of FORMATS
+    conv_path: str            # per-sample convolution gradients: loop | grouped ("-": none)
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     times: dict[str, list[float]] = field(
@@ -77,7 +81,7 @@ def now() -> float:
     return time.perf_counter()
 
 
-def build_variant(model_name, method, mode, memory_format, x, y, args) -> Variant:
+def build_variant(model_name, method, mode, memory_format, conv_path, x, y, args) -> Variant:
     cfg = RunConfig(model=model_name, method=method, base_width=args.base_width, depth=args.depth,
                     image_size=(args.image_size, args.image_size), batch_size=args.batch_size,
                     epochs=1, noise_multiplier=None if method == "non_dp" else 1.0,
@@ -88,14 +92,32 @@ def build_variant(model_name, method, mode, memory_format, x, y, args) -> Varian
     loader = DataLoader(TensorDataset(x, y), batch_size=cfg.batch_size)
     model, optimizer, _ = strategy.attach(model, _optimizer(cfg, model), loader)
     strategy.before_step(0, 0, 1)        # Random Sparsification: draw the (final) mask
-    v = Variant(model_name, method, mode, memory_format, model, optimizer)
+    v = Variant(model_name, method, mode, memory_format, conv_path, model, optimizer)
     if strategy.private:
         optimizer.clip_and_accumulate = v.timed("clip", optimizer.clip_and_accumulate)
         optimizer.add_noise = v.timed("noise", optimizer.add_noise)
     return v
 
 
+@contextmanager
+def per_sample_conv(path: str, device_type: str):
+    """Form per-sample convolution gradients by ``path`` during the block (``-``: as is)."""
+    table = conv_grad_sample.PER_SAMPLE_CONV
+    saved = table.get(device_type)
+    if path != "-":
+        table[device_type] = path
+    try:
+        yield
+    finally:
+        table[device_type] = saved
+
+
 def train_step(v: Variant, x, y, record: bool) -> None:
+    with per_sample_conv(v.conv_path, x.device.type):
+        _train_step(v, x, y, record)
+
+
+def _train_step(v: Variant, x, y, record: bool) -> None:
     v.optimizer.zero_grad(set_to_none=True)
     v.pending = {}
     t0 = now()
@@ -170,9 +192,11 @@ def run(args, argv: list[str]) -> pd.DataFrame:
     variants = []
     for model_name in args.models:
         for fmt in args.formats:
-            variants.append(build_variant(model_name, "non_dp", None, fmt, x_all, y_all, args))
-            variants += [build_variant(model_name, m, mode, fmt, x_all, y_all, args)
-                         for mode in args.modes for m in DP_METHODS]
+            variants.append(build_variant(model_name, "non_dp", None, fmt, "-", x_all, y_all,
+                                          args))
+            variants += [build_variant(model_name, m, mode, fmt, path, x_all, y_all, args)
+                         for mode in args.modes for path in args.conv_paths
+                         for m in DP_METHODS]
     batch = {fmt: (x_all[:n].to(args.device).contiguous(memory_format=FORMATS[fmt]),
                    y_all[:n].to(args.device)) for fmt in args.formats}
     if args.memory_only or args.device.type == "cuda":
@@ -187,7 +211,7 @@ def run(args, argv: list[str]) -> pd.DataFrame:
             for _ in range(args.warmup if r == 0 else args.steps):
                 train_step(v, *batch[v.memory_format], record=r > 0)
     rows = [{"model": v.model_name, "memory_format": v.memory_format,
-             "method": v.method, "grad_sample_mode": v.mode or "-",
+             "method": v.method, "grad_sample_mode": v.mode or "-", "conv_path": v.conv_path,
              **{f"{p}_ms": 1e3 * statistics.median(v.times[p]) for p in (*PHASES, "total")},
              "peak_mb": peak}
             for v, peak in zip(variants, peaks)]
@@ -205,6 +229,9 @@ def main(argv=None) -> None:
     p.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
                    help="memory formats to time (default both)")
     p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--conv-paths", nargs="+", choices=("loop", "grouped"), default=None,
+                   help="how per-sample convolution gradients are formed (default: the "
+                        "device's, dpstudy.privacy.conv_grad_sample.PER_SAMPLE_CONV)")
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     for name, value in FULL.items():
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None,
@@ -216,6 +243,7 @@ def main(argv=None) -> None:
         if getattr(args, name) is None:
             setattr(args, name, value)
     args.device = resolve_device(args.device)
+    args.conv_paths = args.conv_paths or [conv_grad_sample.PER_SAMPLE_CONV[args.device.type]]
     t0 = time.perf_counter()
     df = run(args, [a for a in argv if a != "--memory-only"])
     if args.memory_only:

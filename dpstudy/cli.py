@@ -231,8 +231,16 @@ def cmd_sweep(args) -> None:
         configs = expand_grid(base, grid)
     runs_dir = args.runs_dir or default_runs_dir()
     if args.dry_run:
+        from .estimate import calibrate_store, duration_text, remaining_seconds
+        from .store import RunStore
         for c in configs:
             print(c.run_id())
+        store = RunStore(runs_dir)
+        todo = [c for c in configs if not store.is_completed(c.run_id())]
+        est = calibrate_store(store)
+        print(f"{len(todo)} of {len(configs)} runs to train" + (
+              f": {duration_text(remaining_seconds(est, todo, args.jobs))} with --jobs "
+              f"{args.jobs} ({est.basis(todo)})" if todo else ""), file=sys.stderr)
         return
     results = run_sweep(configs, runs_dir, jobs=args.jobs, scheduler=args.scheduler)
     for r in results:

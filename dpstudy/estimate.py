@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .config import RunConfig
 from .data.source import SYNTHETIC, SYNTHETIC_SIZES
+from .errors import StoreError
 
 #: The reference epoch: 66 training and 22 validation B-scans at 128×128, base width 8.
 REFERENCE_IMAGES, REFERENCE_PIXELS, REFERENCE_WIDTH = 66 + 22 / 2, 128 * 128, 8
@@ -92,6 +93,28 @@ def calibrate(metas: list[dict]) -> Estimator:
                 seconds / (epochs * per_epoch))
     return Estimator({**PRIOR_S, **{k: statistics.median(v) for k, v in samples.items()}},
                      {k: len(v) for k, v in samples.items()})
+
+
+def calibrate_store(store) -> Estimator:
+    """:func:`calibrate` on every run of a :class:`~dpstudy.store.RunStore` it can read."""
+    metas = []
+    for run_id in store.run_ids():
+        try:
+            metas.append(store.read_meta(run_id))
+        except StoreError:
+            continue
+    return calibrate(metas)
+
+
+def remaining_seconds(est: Estimator, configs: list[RunConfig], jobs: int,
+                      completed=lambda run_id: False) -> float:
+    """Wall time until every run of ``configs`` not yet ``completed`` is done on ``jobs``
+    workers: the runs others start from (pretraining) in a first wave, as a sweep does."""
+    todo = [c for c in configs if not completed(c.run_id())]
+    first = {c.init_from for c in todo}
+    waves = [[est.seconds(c, *data_sizes(c.data, c.limit)) for c in todo
+              if (c.run_id() in first) == wave] for wave in (True, False)]
+    return makespan(waves, jobs)
 
 
 def makespan(seconds: list[list[float]], jobs: int) -> float:

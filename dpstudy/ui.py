@@ -171,13 +171,7 @@ def no_runs(message: str) -> None:
 
 @st.cache_data(show_spinner=False, max_entries=4)
 def _estimator(root: str, sig: tuple) -> estimate.Estimator:
-    s, metas = RunStore(root), []
-    for run_id, _ in sig:
-        try:
-            metas.append(s.read_meta(run_id))
-        except StoreError:
-            continue
-    return estimate.calibrate(metas)
+    return estimate.calibrate_store(RunStore(root))
 
 
 def estimator() -> estimate.Estimator:

@@ -777,3 +777,19 @@ def test_estimates_are_calibrated_on_the_store_and_ignore_smoke_runs():
     # waves run one after the other; within one, each worker takes the next run when free
     assert estimate.makespan([[10.0], [10.0, 10.0, 10.0]], jobs=2) == 30.0
     assert estimate.duration_text(200) == "about 3 min"
+
+
+def test_remaining_time_trains_pretraining_first_and_skips_completed_runs():
+    from dpstudy import estimate
+    pre = launch_form.DEFAULT
+    runs = [pre.replace(method="dp_sgd", noise_multiplier=s, init_from=pre.run_id())
+            for s in (1.0, 2.0, 3.0)]
+    est = estimate.Estimator()
+    each = {c.run_id(): est.seconds(c, 66, 22) for c in (pre, *runs)}
+    # wave 1: the pretraining alone; wave 2: three runs on two workers → two run lengths
+    assert estimate.remaining_seconds(est, [pre, *runs], jobs=2) == pytest.approx(
+        each[pre.run_id()] + 2 * each[runs[0].run_id()])
+    done = {pre.run_id(), runs[0].run_id()}
+    assert estimate.remaining_seconds(est, [pre, *runs], jobs=2,
+                                      completed=done.__contains__) == pytest.approx(
+        each[runs[1].run_id()])

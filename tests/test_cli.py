@@ -44,6 +44,15 @@ def test_train_prints_the_run_directory_last_and_says_which_data(tmp_path):
     assert "—" in runs.stdout and "\\u2014" not in runs.stdout
 
 
+def test_sweep_dry_run_lists_the_runs_and_says_how_long_they_would_take(tmp_path):
+    r = dpstudy("sweep", "--methods", "non_dp", "dp_sgd", "--noise-multipliers", "1.0",
+                "--dry-run", *TINY[:-1], "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    ids = r.stdout.split()
+    assert len(ids) == 2 and ids[0].startswith("unet-non_dp-") and not any(tmp_path.iterdir())
+    assert "2 of 2 runs to train: about" in r.stderr and "with --jobs 1" in r.stderr
+
+
 @pytest.mark.slow   # trains in subprocesses: 10-20 s on 2 shared cores
 def test_evaluate_takes_the_run_directory_train_printed(tmp_path):
     """From another directory, without --runs-dir: the path says which store."""

@@ -65,14 +65,17 @@ def test_ghost_norm_and_weighted_sum_equal_materialised_per_sample_gradients(kwa
     assert torch.allclose(ghost.materialise(), per_sample, atol=1e-5)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
 @pytest.mark.parametrize("method", ["loop", "grouped"])
 @pytest.mark.parametrize("kwargs", [*CONVS.values(), dict(in_channels=4, out_channels=6,
                                                           kernel_size=3, padding=1, groups=2)],
                          ids=[*CONVS, "groups 2"])
-def test_per_sample_conv_weight_grad_methods_equal_single_sample_backward(kwargs, method):
+def test_per_sample_conv_weight_grad_methods_equal_single_sample_backward(kwargs, method,
+                                                                          device):
     torch.manual_seed(1)
-    conv = nn.Conv2d(**kwargs)
-    x = torch.randn(3, kwargs["in_channels"], 8, 8)
+    conv = nn.Conv2d(**kwargs).to(device)
+    x = torch.randn(3, kwargs["in_channels"], 8, 8, device=device)
     grad_out = torch.randn_like(conv(x))
     expected = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * grad_out[i:i + 1]).sum(),
                                                 conv.weight)[0] for i in range(3)])
