@@ -35,8 +35,9 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
                  "val_dice_all_mean", "val_dice_all_std", "mia_auc", "mia_auc_std"]
 #: Columns of the readable table, in order; each shown only where configurations differ
 #: in it (model and method always).
-TABLE_KEYS = ["model", "method", "noise_multiplier", "target_epsilon", "max_grad_norm",
-              "pretrained", "epochs", "batch_size", "lr_schedule", "augment",
+TABLE_KEYS = ["model", "base_width", "depth", "image_size", "method", "noise_multiplier",
+              "target_epsilon", "max_grad_norm", "pretrained", "epochs", "batch_size", "lr",
+              "lr_schedule", "augment",
               "aug_multiplicity", "audit_holdout", "fluid_weight", "accountant", "normalisation",
               "trainable", "ema_decay", "privacy_unit", "data_kind"]
 
@@ -103,7 +104,7 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     shown = [k for k in TABLE_KEYS
              if k in ("model", "method") or s[k].astype(str).nunique() > 1]
     table = s[["config", *shown]].copy()
-    for col in ("noise_multiplier", "target_epsilon", "max_grad_norm"):
+    for col in ("noise_multiplier", "target_epsilon", "max_grad_norm", "lr"):  # "": default
         if col in table:
             table[col] = table[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
     table["role"] = s["pretraining"].map({True: "pretraining", False: ""})

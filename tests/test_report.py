@@ -202,3 +202,19 @@ def test_report_of_one_profile_lists_its_runs_and_those_not_started(study, tmp_p
     seed1 = pd.read_csv(tmp_path / "seed1" / "summary.csv")
     dp_seed1 = {c.run_id() for c in configs if c.method == "dp_sgd" and c.seed == 1}
     assert dp_seed1 and set(" ".join(seed1["run_ids"]).split()) == {configs[0].run_id(), *dp_seed1}
+
+
+def test_readable_table_shows_the_settings_that_differ_and_only_those():
+    from dpstudy.report import TABLE_KEYS, readable_table
+    common = {k: "x" for k in TABLE_KEYS} | {
+        "model": "unet", "method": "auto_clip", "depth": 4, "noise_multiplier": 2.0,
+        "target_epsilon": 3.0, "max_grad_norm": 1.0, "init_from": "pre", "pretraining": False,
+        "n_seeds": 3, "epsilon": 2.99, "val_dice_fg_mean": 0.7, "val_dice_fg_std": 0.01,
+        "val_dice_all_mean": 0.72, "val_dice_all_std": 0.01, "mia_auc": np.nan,
+        "mia_auc_std": np.nan, "mia_reference_auc": np.nan}
+    summary = pd.DataFrame([{**common, "config": 1, "base_width": 8, "lr": np.nan},
+                            {**common, "config": 2, "base_width": 16, "lr": 0.02}])
+    table = readable_table(summary)
+    assert list(table["base_width"]) == [8, 16] and list(table["lr"]) == ["", "0.02"]
+    assert "depth" not in table and "target_epsilon" not in table
+    assert list(table["Dice (fg)"]) == ["0.700 ± 0.010"] * 2
