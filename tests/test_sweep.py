@@ -36,7 +36,7 @@ def test_grid_gives_one_run_per_privacy_point_and_none_for_non_dp():
 #: (grid runs, pretraining runs) of every shipped profile, as its header comment says.
 DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "audit": (30, 1),
                    "best": (10, 1), "landscape": (153, 1), "models": (60, 2), "levers": (9, 1), "levers_pretrain": (3, 1),
-                   "width": (15, 2), "wide": (3, 1)}
+                   "width": (15, 2)}
 
 
 def test_every_shipped_profile_expands_to_the_runs_it_documents():
@@ -62,12 +62,10 @@ def test_every_shipped_profile_expands_to_the_runs_it_documents():
             assert (c.noise_multiplier is None and c.target_epsilon is None) != c.private
         ids[name] = ({c.run_id() for c in pre}, {c.run_id() for c in grid})
     # what the profile comments promise is shared, so trained once: quick's U-Net
-    # pretraining and non-private seed-0 run (matched); the best profile's pretraining
-    # and its ε = 3 Automatic Clipping seed-0 run (levers)
+    # pretraining and non-private seed-0 run (matched)
     assert ids["matched"][0] < ids["quick"][0]
     assert ids["landscape"][0] == ids["audit"][0] < ids["models"][0]   # one U-Net pretraining at 64²
     assert len(ids["matched"][1] & ids["quick"][1]) == 1
-    assert ids["levers"][0] == ids["best"][0] and len(ids["levers"][1] & ids["best"][1]) == 1
     # width reuses the models profile's U-Net pretraining and its ε = 3 auto_clip seeds
     assert len(ids["width"][0] & ids["models"][0]) == 1
     assert len(ids["width"][1] & ids["models"][1]) == 3
