@@ -102,7 +102,7 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Every configuration with the settings that distinguish it and mean ± spread."""
     s = summary.assign(pretrained=summary["init_from"].notna().map({True: "yes", False: "no"}))
     shown = [k for k in TABLE_KEYS
-             if k in ("model", "method") or s[k].astype(str).nunique() > 1]
+             if k in ("model", "method") or s[k].astype(str).nunique(dropna=False) > 1]
     table = s[["config", *shown]].copy()
     for col in ("noise_multiplier", "target_epsilon", "max_grad_norm", "lr"):  # "": default
         if col in table:

@@ -22,9 +22,6 @@ from dpstudy.privacy.pld import PLDAccountant
 
 DELTA = 1e-5
 
-#: Toy models here are nn.Linear, which ghost_mixed (the default mode) does not book-keep
-LINEAR = dict(grad_sample_mode="native_conv")
-
 
 def gaussian_delta(eps: float, mu: float) -> float:
     """Exact δ(ε) of the Gaussian mechanism with sensitivity/σ = μ (Balle & Wang 2018)."""
@@ -115,7 +112,7 @@ def test_training_engine_uses_the_pld_accountant_for_per_epoch_epsilon():
     feeds a PLD accountant, whose ε equals the pure function's for the same steps."""
     data = TensorDataset(torch.randn(20, 4), torch.zeros(20, dtype=torch.long))
     cfg = RunConfig(method="dp_sgd", noise_multiplier=1.3, accountant="pld", epochs=1,
-                    batch_size=5, **LINEAR)
+                    batch_size=5)
     method = build_method(cfg)
     model = nn.Linear(4, 2)
     model, opt, loader = method.attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
@@ -177,7 +174,7 @@ def test_target_epsilon_run_is_calibrated_with_its_own_accountant(accountant):
     """What training does with ``--target-epsilon`` and ``--accountant``: the σ it picks
     spends the target, to the search tolerance, under that accountant and no other."""
     cfg = RunConfig(method="dp_sgd", target_epsilon=2.0, accountant=accountant, epochs=10,
-                    batch_size=5, **LINEAR)
+                    batch_size=5)
     method = build_method(cfg)
     model = nn.Linear(4, 2)
     data = TensorDataset(torch.randn(20, 4), torch.zeros(20, dtype=torch.long))

@@ -49,9 +49,6 @@ CASES = {
                            [2 / 7, 2, 2, 2 / 9]], math.nan),
 }
 
-#: Toy models here are nn.Linear, which ghost_mixed (the default mode) does not book-keep
-LINEAR = dict(grad_sample_mode="native_conv")
-
 
 def _four_tensor_model():
     torch.manual_seed(0)
@@ -143,7 +140,7 @@ def test_each_method_takes_its_hand_computed_step(method, clip_fn, clipping):
     n, batch, lr, bound, gamma = 12, 6, 0.5, 3.0, 0.2
     rs = method == "random_sparsification"
     cfg = RunConfig(method=method, noise_multiplier=1.0, max_grad_norm=bound, gamma=gamma,
-                    clipping=clipping, epochs=1, batch_size=batch, **LINEAR,
+                    clipping=clipping, epochs=1, batch_size=batch,
                     **(dict(clip_fn=clip_fn, final_rate=0.5) if rs else {}))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 2), nn.Linear(2, 1))

@@ -30,6 +30,14 @@ CONVS = {
     "3x5, stride 2, uneven padding": dict(in_channels=4, out_channels=6, kernel_size=(3, 5),
                                           stride=2, padding=(0, 2), bias=False),
 }
+#: Convolutions whose forward pads its input first (Opacus's sampler zero-pads these).
+PADDED = {
+    "reflect": dict(in_channels=2, out_channels=3, kernel_size=3, padding=1,
+                    padding_mode="reflect"),
+    "circular, 3x5": dict(in_channels=2, out_channels=3, kernel_size=(3, 5), padding=(1, 2),
+                          padding_mode="circular"),
+    "same, 4x4": dict(in_channels=2, out_channels=3, kernel_size=4, padding="same"),
+}
 
 
 def _single_sample_grads(model, x, y):
@@ -68,9 +76,9 @@ def test_ghost_norm_and_weighted_sum_equal_materialised_per_sample_gradients(kwa
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))])
 @pytest.mark.parametrize("method", ["loop", "grouped"])
-@pytest.mark.parametrize("kwargs", [*CONVS.values(), dict(in_channels=4, out_channels=6,
-                                                          kernel_size=3, padding=1, groups=2)],
-                         ids=[*CONVS, "groups 2"])
+@pytest.mark.parametrize("kwargs", [*CONVS.values(), *PADDED.values(), dict(
+    in_channels=4, out_channels=6, kernel_size=3, padding=1, groups=2)],
+    ids=[*CONVS, *PADDED, "groups 2"])
 def test_per_sample_conv_weight_grad_methods_equal_single_sample_backward(kwargs, method,
                                                                           device):
     torch.manual_seed(1)
@@ -208,7 +216,66 @@ def test_evaluation_under_no_grad_is_the_plain_model():
         assert all(getattr(p, "grad_sample", None) is None for p in wrapped.parameters())
 
 
-def test_a_layer_without_a_book_keeping_rule_is_refused_by_name():
-    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ConfigError, match=r"layer '2' \(Linear\)"):
+class _MixedNet(nn.Module):
+    """Book-kept layers (Conv2d, GroupNorm) next to layers without a book-keeping rule: a
+    reflect-padded convolution, a 1×1 head through nn.Linear on the channels, and a frozen
+    Linear (no per-sample gradient at all)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.frozen = nn.Linear(4, 4).requires_grad_(False)
+        self.head = nn.Linear(4, 9)
+
+    def forward(self, x):
+        h = self.reflect(torch.relu(self.norm(self.conv(x)))).permute(0, 2, 3, 1)
+        return self.head(torch.relu(self.frozen(h))).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("clipping", CLIPPING.values(), ids=CLIPPING.keys())
+def test_layers_without_a_book_keeping_rule_get_materialised_per_sample_gradients(clipping):
+    x, y = _batch()
+    torch.manual_seed(0)
+    model = _MixedNet()
+    reference = copy.deepcopy(model)
+    wrapped = BookKeepingModule(model)
+    kwargs = dict(noise_multiplier=0.5, max_grad_norm=0.05, expected_batch_size=4, **clipping)
+    opt = BookKeepingDPOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                                 generator=torch.Generator().manual_seed(7), **kwargs)
+    ref_opt = StudyDPOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1),
+                               generator=torch.Generator().manual_seed(7), **kwargs)
+    per_sample_loss(wrapped(x), y).mean().backward()
+    trained = [p for p in wrapped.parameters() if p.requires_grad]
+    assert all(p.grad_sample.shape == (4, *p.shape) for p in trained)
+    assert model.frozen.weight.grad is None and not hasattr(model.frozen.weight, "grad_sample")
+    ref_params = [p for p in reference.parameters() if p.requires_grad]
+    rows = []
+    for i in range(len(x)):
+        reference.zero_grad()
+        per_sample_loss(reference(x[i:i + 1]), y[i:i + 1]).sum().backward()
+        rows.append([p.grad.clone() for p in ref_params])
+    for p, g in zip(ref_params, map(torch.stack, zip(*rows))):
+        p.grad_sample = g
+    for p, q in zip(trained, ref_params):   # per-sample gradients of each sample's own loss
+        if not torch.isnan(p.grad_sample).all():   # (ghost placeholders are NaN)
+            assert torch.allclose(p.grad_sample, q.grad_sample, rtol=1e-4, atol=1e-6)
+    opt.pre_step()
+    ref_opt.pre_step()
+    for p, q in zip(trained, ref_params):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_layer_without_any_per_sample_rule_is_refused_by_name():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), Scale())
+    with pytest.raises(ConfigError, match=r"layer '1' \(Scale\).*grad_sample_mode functorch"):
         BookKeepingModule(model)

@@ -24,9 +24,6 @@ from _runs import quiet
 
 DELTA = 1e-5
 
-#: Toy models here are nn.Linear, which ghost_mixed (the default mode) does not book-keep
-LINEAR = dict(grad_sample_mode="native_conv")
-
 
 def gaussian_epsilon(sigma: float, delta: float) -> float:
     """Exact ε(δ) of the Gaussian mechanism with sensitivity 1 (Balle & Wang 2018)."""
@@ -92,7 +89,7 @@ def _private_linear(method: str, **fields):
     torch.manual_seed(0)
     loader = DataLoader(TensorDataset(torch.randn(16, 4), torch.arange(16)), batch_size=4)
     cfg = RunConfig(method=method, epochs=1, batch_size=4, noise_multiplier=1.0,
-                    audit_canaries=10, **LINEAR, **fields)
+                    audit_canaries=10, **fields)
     dp = build_method(cfg)
     model = nn.Linear(4, 4)
     _, opt, _ = dp.attach(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)

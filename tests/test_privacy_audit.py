@@ -31,16 +31,13 @@ REPS = 2000               # noised updates per mechanism
 ALPHA = 1e-4              # family-wise level of each statistical check
 NORMS = [0.3, 0.9, 2.5, 6.0]   # per-sample gradient norms: inside and outside every bound
 
-#: Toy models here are nn.Linear, which ghost_mixed (the default mode) does not book-keep
-LINEAR = dict(grad_sample_mode="native_conv")
-
 
 def _attach(method: str, **fields):
     """A 20-parameter linear model made private exactly as training does it."""
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(N, 4), torch.arange(N))
     loader = DataLoader(data, batch_size=BATCH, generator=torch.Generator().manual_seed(0))
-    cfg = RunConfig(method=method, epochs=1, batch_size=BATCH, **LINEAR, **fields)
+    cfg = RunConfig(method=method, epochs=1, batch_size=BATCH, **fields)
     dp = build_method(cfg)
     model = nn.Linear(4, 4)
     model, opt, dp_loader = dp.attach(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)

@@ -22,9 +22,6 @@ from dpstudy.privacy.optimizer import StudyDPOptimizer
 from dpstudy.privacy.sparsification import Sparsifier
 from dpstudy.train import train
 
-#: Toy models here are nn.Linear, which ghost_mixed (the default mode) does not book-keep
-LINEAR = dict(grad_sample_mode="native_conv")
-
 
 class NamedData(TensorDataset):
     """A dataset with B-scan names, as SegmentationDataset has."""
@@ -222,7 +219,7 @@ def test_method_clips_per_subject_and_accounts_over_subjects():
     subject = torch.repeat_interleave(torch.arange(6), torch.tensor(sizes))
     data = NamedData(_names(sizes), x, torch.zeros(n))
     cfg = RunConfig(method="dp_sgd", noise_multiplier=1e-9, max_grad_norm=1.0,
-                    privacy_unit="subject", batch_size=2, epochs=1, **LINEAR)
+                    privacy_unit="subject", batch_size=2, epochs=1)
     method = build_method(cfg)
     linear = nn.Linear(3, 1, bias=False)
     model, opt, loader = method.attach(linear, torch.optim.SGD(linear.parameters(), lr=0.0),

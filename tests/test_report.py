@@ -214,6 +214,7 @@ def test_readable_table_shows_the_settings_that_differ_and_only_those():
         "mia_auc_std": np.nan, "mia_reference_auc": np.nan}
     summary = pd.DataFrame([{**common, "config": 1, "base_width": 8, "lr": np.nan},
                             {**common, "config": 2, "base_width": 16, "lr": 0.02}])
+    summary["lr"] = summary["lr"].astype(object)   # as read back from summary.csv
     table = readable_table(summary)
     assert list(table["base_width"]) == [8, 16] and list(table["lr"]) == ["", "0.02"]
     assert "depth" not in table and "target_epsilon" not in table

@@ -16,6 +16,7 @@ convolution backward (groups × batch): :data:`PER_SAMPLE_CONV` chooses by devic
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from opacus.grad_sample.conv import compute_conv_grad_sample
 from torch import nn
 
@@ -26,9 +27,21 @@ from torch import nn
 PER_SAMPLE_CONV = {"cpu": "loop", "cuda": "grouped", "mps": "loop"}
 
 
+def _padded(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """(input, numeric zero padding) that the convolution backward needs: a layer with
+    reflect/replicate/circular padding or ``padding="same"`` pads its input first, as its
+    own forward does. (Opacus's Conv2d sampler zero-pads whatever the padding mode, so
+    its per-sample gradients of such a layer are wrong at the borders.)"""
+    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+        return x, list(layer.padding)
+    mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+    return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), [0, 0]
+
+
 def _weight_grad(layer: nn.Conv2d, x, backprops, weight, groups: int) -> torch.Tensor:
+    x, padding = _padded(layer, x)
     return torch.ops.aten.convolution_backward(
-        backprops, x, weight, None, list(layer.stride), list(layer.padding),
+        backprops, x, weight, None, list(layer.stride), padding,
         list(layer.dilation), False, [0, 0], groups, [False, True, False])[1]
 
 
@@ -55,8 +68,8 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
                        backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """Opacus grad-sampler signature: {parameter: per-sample gradient (batch first)}."""
     x = activations[0].to(backprops.dtype)
-    if isinstance(layer.padding, str) or layer.padding_mode != "zeros" or not len(x):
-        return compute_conv_grad_sample(layer, activations, backprops)  # rare cases: Opacus
+    if not len(x):
+        return compute_conv_grad_sample(layer, activations, backprops)  # empty: zeros
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
         out[layer.weight] = per_sample_conv_weight_grad(layer, x, backprops)

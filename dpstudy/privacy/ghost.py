@@ -27,8 +27,12 @@ Where a per-sample gradient must be changed *before* its norm is taken, ghost no
 cannot apply — Random Sparsification (the mask acts on the weight gradient) and
 augmentation multiplicity (a sample's K copies are averaged first) — so every ghost
 layer is materialised and :class:`StudyDPOptimizer` clips as in the other modes; the
-backward still forms no batch weight gradient. Layers other than ``Conv2d`` and
-``GroupNorm`` with trainable parameters are refused when the model is wrapped.
+backward still forms no batch weight gradient. Other layers with trainable parameters
+(``Linear``, a convolution with reflect padding, …) get materialised per-sample
+gradients from a grad sampler (:class:`_Sampled`: :func:`conv2d_grad_sample` for
+convolutions, else Opacus's for the layer type): correct, at the cost of the batch
+gradient autograd forms for them too; a type without one is refused when the model is
+wrapped.
 """
 
 from __future__ import annotations
@@ -37,11 +41,12 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample import GradSampleModule
 from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
 from ..errors import ConfigError
-from .conv_grad_sample import per_sample_conv_weight_grad
+from .conv_grad_sample import conv2d_grad_sample, per_sample_conv_weight_grad
 from .optimizer import StudyDPOptimizer
 
 aten = torch.ops.aten
@@ -186,21 +191,50 @@ def _group_norm_forward(layer: nn.GroupNorm, mean: bool, x):
     return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
 
 
-def _check_layer(name: str, layer: nn.Module) -> None:
+def _rule(name: str, layer: nn.Module) -> str | None:
+    """How a layer's per-sample gradients are formed: ``conv`` and ``group_norm`` by
+    book-keeping, ``sampled`` by a grad sampler (:class:`_Sampled`), None when it trains
+    nothing."""
     if not any(p.requires_grad for p in layer.parameters(recurse=False)):
-        return
-    if isinstance(layer, nn.GroupNorm):
-        if layer.affine:
-            return
-    elif type(layer) is nn.Conv2d:
-        if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
-            return
-        raise ConfigError(f"grad_sample_mode=ghost_mixed: layer {name!r} has padding "
-                          f"{layer.padding!r} / padding_mode {layer.padding_mode!r}; only "
-                          f"numeric zero padding is supported")
+        return None
+    if isinstance(layer, nn.GroupNorm) and layer.affine:
+        return "group_norm"
+    if (type(layer) is nn.Conv2d and layer.padding_mode == "zeros"
+            and not isinstance(layer.padding, str)):
+        return "conv"
+    if type(layer) in SAMPLERS:
+        return "sampled"
     raise ConfigError(f"grad_sample_mode=ghost_mixed: layer {name!r} ({type(layer).__name__}) "
-                      f"has trainable parameters but no book-keeping rule (Conv2d and "
-                      f"GroupNorm only); use grad_sample_mode native_conv or functorch")
+                      f"has trainable parameters but neither a book-keeping rule (Conv2d, "
+                      f"GroupNorm) nor an Opacus grad sampler; use grad_sample_mode functorch")
+
+
+#: Grad samplers of layers without a book-keeping rule: Opacus's, except for convolutions
+#: (Opacus's zero-pads whatever the padding mode; ours pads as the layer does).
+SAMPLERS = {**GradSampleModule.GRAD_SAMPLERS, nn.Conv2d: conv2d_grad_sample}
+
+
+class _Sampled:
+    """Per-sample gradients of a layer without a book-keeping rule from the grad sampler
+    for its type: its input is kept in the forward pass (only where gradients are
+    tracked) and handed, with the output gradient, to the sampler in the backward pass."""
+
+    def __init__(self, layer: nn.Module, mean: bool):
+        self.layer, self.mean, self.inputs = layer, mean, []
+        self.sampler = SAMPLERS[type(layer)]
+        layer.register_forward_hook(self.keep_input)
+        layer.register_full_backward_hook(self.per_sample_grads)
+
+    def keep_input(self, layer, inputs, output) -> None:
+        if _tracked(*layer.parameters(recurse=False)):
+            self.inputs.append(inputs[0].detach())
+
+    def per_sample_grads(self, layer, grad_input, grad_output) -> None:
+        x = self.inputs.pop()
+        scale = _per_sample_scale(self.mean, len(x))
+        for p, g in self.sampler(layer, [x], grad_output[0]).items():
+            if p.requires_grad:
+                _store(p, g * scale)
 
 
 class BookKeepingModule(nn.Module):
@@ -214,14 +248,15 @@ class BookKeepingModule(nn.Module):
         super().__init__()
         if loss_reduction not in ("mean", "sum"):
             raise ValueError(f"loss_reduction={loss_reduction!r}: use mean or sum")
-        for name, layer in module.named_modules():
-            _check_layer(name, layer)
         mean = loss_reduction == "mean"
-        for layer in module.modules():
-            if type(layer) is nn.Conv2d:        # instance attributes: no other model changes
+        rules = {layer: _rule(name, layer) for name, layer in module.named_modules()}
+        for layer, rule in rules.items():    # instance attributes: no other model changes
+            if rule == "conv":
                 layer._conv_forward = functools.partial(_conv_forward, layer, mean)
-            elif isinstance(layer, nn.GroupNorm):
+            elif rule == "group_norm":
                 layer.forward = functools.partial(_group_norm_forward, layer, mean)
+            elif rule == "sampled":
+                _Sampled(layer, mean)
         self._module = module
 
     def forward(self, *args, **kwargs):
