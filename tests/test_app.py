@@ -779,6 +779,24 @@ def test_estimates_are_calibrated_on_the_store_and_ignore_smoke_runs():
     assert estimate.duration_text(200) == "about 3 min"
 
 
+def test_a_run_of_the_same_architecture_is_the_yardstick_where_one_exists():
+    from dpstudy import estimate
+    small = launch_form.DEFAULT           # width 8: one reference epoch per epoch
+    wide = small.replace(base_width=16, depth=4)
+    meta = {"config": small.to_dict(), "status": "completed", "epochs_done": 10,
+            "duration_s": 100.0, "data": {"n_train": 66, "n_val": 22}}
+    est = estimate.calibrate([meta])
+    # no wide run yet: the width-8 rate, scaled by width² (4 reference epochs per epoch)
+    assert est.seconds(wide, 66, 22) - est.seconds(small, 66, 22) == pytest.approx(
+        small.epochs * (4 - 1) * 10.0)
+    wide_meta = {**meta, "config": wide.to_dict(), "duration_s": 175.0}   # 1.75× width 8
+    est = estimate.calibrate([meta, wide_meta])
+    assert est.seconds(wide, 66, 22) - est.seconds(small, 66, 22) == pytest.approx(
+        small.epochs * (1.75 - 1) * 10.0)
+    assert est.basis([wide]).startswith("calibrated on 1 completed run")
+    assert est.rates[("unet", False)] == pytest.approx((10.0 + 175.0 / 40) / 2)
+
+
 def test_remaining_time_trains_pretraining_first_and_skips_completed_runs():
     from dpstudy import estimate
     pre = launch_form.DEFAULT
