@@ -213,7 +213,8 @@ def _reference(metric: str, tips: list) -> list[alt.Chart]:
 
 
 def _anchor_rules(anchors: pd.DataFrame | None, metric: str) -> list[alt.Chart]:
-    """The ε = 0 anchors as dotted grey rules labelled at their left end."""
+    """The ε = 0 anchors as dotted grey rules labelled above their left end (an anchor is
+    usually the lowest value drawn: a label below it would sit on the axis)."""
     if anchors is None or anchors.empty or metric not in anchors:
         return []
     data = anchors.assign(label=[f"ε = 0: {MODEL_NAMES.get(m, m)} pretraining alone {v:.3f}"
@@ -221,7 +222,7 @@ def _anchor_rules(anchors: pd.DataFrame | None, metric: str) -> list[alt.Chart]:
     base = alt.Chart(data).encode(y=f"{metric}:Q")
     return [base.mark_rule(color="#888888", strokeDash=[1, 3], strokeWidth=2).encode(
                 tooltip=[alt.Tooltip("label:N", title="anchor")]),
-            base.mark_text(align="left", baseline="top", dx=4, dy=3, fontSize=11,
+            base.mark_text(align="left", baseline="bottom", dx=4, dy=-3, fontSize=11,
                            color="#666666").encode(x=alt.value(0), text="label:N")]
 
 
