@@ -11,9 +11,11 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from dpstudy.errors import ConfigError
 from dpstudy.losses import per_sample_loss
+from dpstudy.methods import _StudyPrivacyEngine
 from dpstudy.models import build_model
 from dpstudy.privacy.conv_grad_sample import per_sample_conv_weight_grad
 from dpstudy.privacy.ghost import (BookKeepingDPOptimizer, BookKeepingModule, GhostConvWeight,
@@ -209,3 +211,19 @@ def test_a_layer_without_a_book_keeping_rule_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ConfigError, match=r"layer '2' \(Linear\)"):
         BookKeepingModule(model)
+
+
+def test_a_summed_loss_declared_to_the_engine_reaches_the_book_keeping_model():
+    """``loss_reduction="sum"``: each per-sample gradient is that of the sample's own
+    loss, not B times it. Loss Σ outputs: the bias gradient of every sample and channel
+    is the number of output positions, 5·5."""
+    engine = _StudyPrivacyEngine({}, "rdp", bookkeeping=True)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    loader = DataLoader(TensorDataset(torch.zeros(3, 1, 5, 5)), batch_size=3)
+    model, _, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, loss_reduction="sum",
+        poisson_sampling=False)
+    assert isinstance(model, BookKeepingModule)
+    model(torch.randn(3, 1, 5, 5)).sum().backward()
+    torch.testing.assert_close(model._module[0].bias.grad_sample, torch.full((3, 2), 25.0))
