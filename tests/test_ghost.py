@@ -215,15 +215,19 @@ def test_a_layer_without_a_book_keeping_rule_is_refused_by_name():
 
 def test_a_summed_loss_declared_to_the_engine_reaches_the_book_keeping_model():
     """``loss_reduction="sum"``: each per-sample gradient is that of the sample's own
-    loss, not B times it. Loss Σ outputs: the bias gradient of every sample and channel
-    is the number of output positions, 5·5."""
+    loss, not B times it, and the update is their (clipped) sum, not divided by B. Loss
+    Σ outputs: the bias gradient of every sample and channel is the number of output
+    positions, 5·5; with no noise and a bound no gradient reaches, the update 3·25."""
     engine = _StudyPrivacyEngine({}, "rdp", bookkeeping=True)
     model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
     loader = DataLoader(TensorDataset(torch.zeros(3, 1, 5, 5)), batch_size=3)
-    model, _, _ = engine.make_private(
+    model, opt, _ = engine.make_private(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-        data_loader=loader, noise_multiplier=1.0, max_grad_norm=1.0, loss_reduction="sum",
+        data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6, loss_reduction="sum",
         poisson_sampling=False)
     assert isinstance(model, BookKeepingModule)
     model(torch.randn(3, 1, 5, 5)).sum().backward()
-    torch.testing.assert_close(model._module[0].bias.grad_sample, torch.full((3, 2), 25.0))
+    bias = model._module[0].bias
+    torch.testing.assert_close(bias.grad_sample, torch.full((3, 2), 25.0))
+    opt.step()
+    torch.testing.assert_close(bias.grad, torch.full((2,), 75.0))
