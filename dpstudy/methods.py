@@ -37,9 +37,9 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 def random_seed(cfg: RunConfig, stream: int) -> int:
     """Seed of one random stream (0 Poisson sampling, 1 noise, 2 masks, 3 augmentation,
-    4 audit canaries):
-    from the run's seed, or from the operating system's entropy (``randomness =
-    "os_entropy"``), so that nobody holding ``config.json`` can regenerate the noise."""
+    4 audit canaries, 5 audit canary images): ``cfg.seed + stream``, or a fresh draw
+    from the operating system's entropy (``randomness = "os_entropy"``), so that nobody
+    holding ``config.json`` can regenerate the noise."""
     return cfg.seed + stream if cfg.randomness == "seeded" else secrets.randbits(63)
 
 

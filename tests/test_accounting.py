@@ -201,7 +201,10 @@ def test_group_privacy_is_the_standard_bound():
     assert eps == pytest.approx(5.5)
     assert delta == pytest.approx(11 * math.exp(10 * 0.5) * 1e-5)
     assert group_privacy(0.0, 1e-6, 4) == (0.0, pytest.approx(4e-6))
-    assert group_privacy(8.0, 1e-5, 11)[1] == 1.0     # vacuous: capped at 1, no overflow
+    assert group_privacy(8.0, 1e-5, 11) == (88.0, 1.0)   # vacuous: capped at 1, no overflow
+    assert group_privacy(2.0, 0.01, 2) == (4.0, pytest.approx(0.02 * math.exp(2)))   # 0.148
+    assert group_privacy(2.0, 0.1, 2) == (4.0, 1.0)        # 0.2·e² = 1.48: capped at 1
+    assert group_privacy(1.0, 1.0, 2) == (2.0, 1.0)        # δ = 1 is valid, if vacuous
     assert group_privacy(2.0, 0.0, 3) == (6.0, 0.0)   # pure DP stays pure
 
 
@@ -219,10 +222,12 @@ def test_group_privacy_dominates_chaining_and_holds_for_a_gaussian_group(eps, k)
     assert gaussian_delta(k_eps, k * mu) <= k_delta + 1e-15
 
 
-@pytest.mark.parametrize("args", [(1.0, 1e-5, 0), (1.0, 1e-5, 2.5), (-1.0, 1e-5, 2),
-                                  (1.0, 1.5, 2), (float("nan"), 1e-5, 2)])
-def test_group_privacy_rejects_bad_input(args):
-    with pytest.raises(ConfigError):
+@pytest.mark.parametrize("args,says", [
+    ((1.0, 1e-5, 0), "group size k=0 must be an integer ≥ 1"), ((1.0, 1e-5, 2.5), "k=2.5"),
+    ((-1.0, 1e-5, 2), "needs ε ≥ 0"), ((1.0, 1.5, 2), "δ in \\[0, 1\\]"),
+    ((float("nan"), 1e-5, 2), "\\(ε, δ\\)=\\(nan, 1e-05\\)")])
+def test_group_privacy_rejects_bad_input(args, says):
+    with pytest.raises(ConfigError, match=says):
         group_privacy(*args)
 
 

@@ -111,8 +111,11 @@ def test_clipped_sum_and_statistics_of_hand_made_gradients(clip_fn, per_layer):
     stats = opt.pop_grad_stats()
     assert stats["grad_norm_median"] == pytest.approx(MEDIAN, rel=1e-6)
     assert stats["clipped_fraction"] == pytest.approx(clipped, abs=1e-6, nan_ok=True)  # 1/6 a sample
-    # popped: the next epoch starts from nothing
-    assert all(math.isnan(v) for v in opt.pop_grad_stats().values())
+    # popped: the next epoch starts from nothing, and an epoch without units has the same
+    # statistics, missing
+    empty = opt.pop_grad_stats()
+    assert sorted(empty) == ["clipped_fraction", "grad_norm_median"]
+    assert all(math.isnan(v) for v in empty.values())
 
 
 def _rs_reference(grads, masks, clip_fn, bound, gamma, sizes, per_layer):
@@ -163,3 +166,48 @@ def test_each_method_takes_its_hand_computed_step(method, clip_fn, clipping):
     opt.step()
     summed = _rs_reference(grads, masks, clip_fn, bound, gamma, sizes, clipping == "per_layer")
     np.testing.assert_allclose(_flat(params), before - lr * summed / batch, rtol=1e-5, atol=1e-7)
+    if rs:   # the recorded sparsity is that of the masks in force: half the coordinates
+        assert dp.epoch_stats()["sparsity"] == 0.5
+
+
+def test_statistics_of_a_single_unit_are_its_own():
+    """One unit in an epoch: the median is its norm, the clipped fraction 0 or 1."""
+    model = _four_tensor_model()
+    params = list(model.parameters())
+    opt = StudyDPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0,
+                           max_grad_norm=C, expected_batch_size=1)
+    _set_grad_samples(params, GRADS[5:])                 # norm 10 > C
+    opt.clip_and_accumulate()
+    assert opt.pop_grad_stats() == {"grad_norm_median": pytest.approx(10.0),
+                                    "clipped_fraction": 1.0}
+
+
+def test_automatic_clipping_without_gamma_is_auto_s():
+    """Built without γ, Automatic Clipping is Bu et al.'s AUTO-S, γ = 0.01 (as a run's
+    default): each gradient scaled by R/(‖g‖ + 0.01)."""
+    model = _four_tensor_model()
+    params = list(model.parameters())
+    opt = StudyDPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=0.0,
+                           max_grad_norm=C, expected_batch_size=1, clip_fn="automatic")
+    assert RunConfig().gamma == 0.01
+    _set_grad_samples(params, GRADS[2:3])                # norm 4
+    opt.clip_and_accumulate()
+    np.testing.assert_allclose(_flat(p.summed_grad for p in params),
+                               GRADS[2] * C / (4 + 0.01), rtol=1e-6)
+
+
+def test_per_sample_and_summed_gradients_are_used_once():
+    """Opacus's guard survives the overridden steps: clipping the same per-sample
+    gradients again (no backward in between) or noising the same clipped sum again
+    raises, rather than counting a sample twice."""
+    model = _four_tensor_model()
+    params = list(model.parameters())
+    opt = StudyDPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0,
+                           max_grad_norm=C, expected_batch_size=1)
+    _set_grad_samples(params, GRADS[:2])
+    opt.clip_and_accumulate()
+    with pytest.raises(ValueError, match="call optimizer.zero_grad"):
+        opt.clip_and_accumulate()
+    opt.add_noise()
+    with pytest.raises(ValueError, match="call optimizer.zero_grad"):
+        opt.add_noise()

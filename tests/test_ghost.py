@@ -11,9 +11,11 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from dpstudy.errors import ConfigError
 from dpstudy.losses import per_sample_loss
+from dpstudy.methods import _StudyPrivacyEngine
 from dpstudy.models import build_model
 from dpstudy.privacy.conv_grad_sample import per_sample_conv_weight_grad
 from dpstudy.privacy.ghost import (BookKeepingDPOptimizer, BookKeepingModule, GhostConvWeight,
@@ -279,3 +281,23 @@ def test_a_layer_without_any_per_sample_rule_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), Scale())
     with pytest.raises(ConfigError, match=r"layer '1' \(Scale\).*grad_sample_mode functorch"):
         BookKeepingModule(model)
+
+
+def test_a_summed_loss_declared_to_the_engine_reaches_the_book_keeping_model():
+    """``loss_reduction="sum"``: each per-sample gradient is that of the sample's own
+    loss, not B times it, and the update is their (clipped) sum, not divided by B. Loss
+    Σ outputs: the bias gradient of every sample and channel is the number of output
+    positions, 5·5; with no noise and a bound no gradient reaches, the update 3·25."""
+    engine = _StudyPrivacyEngine({}, "rdp", bookkeeping=True)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1))
+    loader = DataLoader(TensorDataset(torch.zeros(3, 1, 5, 5)), batch_size=3)
+    model, opt, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=loader, noise_multiplier=0.0, max_grad_norm=1e6, loss_reduction="sum",
+        poisson_sampling=False)
+    assert isinstance(model, BookKeepingModule)
+    model(torch.randn(3, 1, 5, 5)).sum().backward()
+    bias = model._module[0].bias
+    torch.testing.assert_close(bias.grad_sample, torch.full((3, 2), 25.0))
+    opt.step()
+    torch.testing.assert_close(bias.grad, torch.full((2,), 75.0))

@@ -174,3 +174,31 @@ def test_a_mechanism_with_too_little_noise_for_its_claimed_epsilon_fails_the_aud
     monkeypatch.setattr(dp_optimizer, "_generate_noise", a_hundredth)
     meta = _audited_run(tmp_path, method="auto_clip", target_epsilon=1.0)
     assert meta["one_run_audit"]["epsilon_lower_bound"] > meta["epsilon"]
+
+
+def test_non_private_canaries_join_as_one_more_sample_of_the_mean_loss_batch():
+    """non_dp: an included canary is sampled like a training sample (q = B/N) and, drawn,
+    adds C/B at its coordinate — one more sample's gradient in a batch-mean loss —
+    unclipped and un-noised, before the optimizer steps; its score reads the result.
+    The private methods sample canaries at the rate the accountant is told, 1/(steps)."""
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(20, 4), torch.arange(20)), batch_size=4)
+    cfg = RunConfig(method="non_dp", epochs=1, batch_size=4, max_grad_norm=0.5,
+                    audit_canaries=10)
+    dp = build_method(cfg)
+    model = nn.Linear(4, 4)
+    _, opt, _ = dp.attach(model, torch.optim.SGD(model.parameters(), lr=0.0), loader)
+    canaries = dp.canaries
+    assert canaries.sample_rate == pytest.approx(4 / 20)
+    canaries.sample_rate = 1.0                          # every included canary, this step
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+    at = flat[canaries.param * model.weight.numel() + canaries.local]
+    expected = torch.where(canaries.included, 0.5 / 4, 0.0)
+    torch.testing.assert_close(at, expected)
+    assert float(flat.abs().sum()) == pytest.approx(float(expected.sum()))   # nowhere else
+    torch.testing.assert_close(canaries.scores, expected.double())
+    private, _ = _private_linear("dp_sgd")      # 16 samples in batches of 4: 4 steps
+    assert private.canaries.sample_rate == private.accountant_sample_rate == 1 / 4

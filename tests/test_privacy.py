@@ -12,9 +12,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dpstudy.config import RunConfig
-from dpstudy.methods import build_method
+from dpstudy.methods import build_method, random_seed
 from dpstudy.privacy.accounting import calibrate_noise, epsilon
+from dpstudy.privacy.canaries import GradientCanaries
 from dpstudy.privacy.clipping import abadi_factor, automatic_factor
+from dpstudy.privacy.conv_grad_sample import conv2d_grad_sample
+from dpstudy.privacy.ghost import BookKeepingDPOptimizer, BookKeepingModule
 from dpstudy.privacy.optimizer import StudyDPOptimizer
 from dpstudy.privacy.sparsification import Sparsifier, cooling_rate, draw_masks, refresh_steps
 
@@ -222,3 +225,61 @@ def test_augmentation_copies_are_averaged_before_clipping():
     expected = torch.tensor([1.0, 0.2, 0.0])   # (2,0,0) clipped to norm 1, (0,.2,0) kept
     assert torch.allclose(model.weight.summed_grad[0], expected, atol=1e-5)
     assert len(opt.norm_log[0]) == 2            # two samples, not four copies
+
+
+def test_noise_masks_and_canaries_each_draw_from_their_own_documented_stream():
+    """Seeded: stream k is seed + k (1 noise, 2 masks, 4 canaries), so a run is
+    reproducible from its config and no two streams share a seed (masks drawn from the
+    augmentation's stream would be correlated with it). ``os_entropy``: fresh each run."""
+    cfg = RunConfig(method="random_sparsification", noise_multiplier=1.0, seed=7, epochs=1,
+                    batch_size=4, final_rate=0.5, audit_canaries=6,
+                    grad_sample_mode="native_conv")
+    assert [random_seed(cfg, k) for k in range(6)] == [7, 8, 9, 10, 11, 12]
+    loader = DataLoader(TensorDataset(torch.zeros(16, 6)), batch_size=4)
+    model = _two_layer()
+    shapes = [p.shape for p in model.parameters()]
+    dp = build_method(cfg)
+    _, opt, _ = dp.attach(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+    assert torch.equal(opt.generator.get_state(), torch.Generator().manual_seed(8).get_state())
+    assert torch.equal(dp.sparsifier.generator.get_state(),
+                       torch.Generator().manual_seed(9).get_state())
+    own = GradientCanaries(shapes, 6, cfg.max_grad_norm, 0.25, seed=11)
+    for name in ("param", "local", "included"):
+        assert torch.equal(getattr(dp.canaries, name), getattr(own, name))
+    fresh = cfg.replace(randomness="os_entropy")
+    assert len({random_seed(fresh, 1) for _ in range(5)} | {random_seed(cfg, 1)}) == 6
+
+
+def test_a_non_private_method_reports_no_privacy_parameters():
+    """non_dp: no σ, q or units to record, no audit without canaries, and the statistics of
+    a private epoch all missing (NaN; no steps)."""
+    dp = build_method(RunConfig(method="non_dp"))
+    model = _two_layer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = DataLoader(TensorDataset(torch.zeros(8, 6)), batch_size=4)
+    assert dp.attach(model, opt, loader) == (model, opt, loader)
+    assert (dp.noise_multiplier, dp.sample_rate, dp.n_units, dp.canaries) == (None,) * 4
+    assert dp.canary_audit() is None
+    stats = dp.epoch_stats()
+    assert stats.pop("steps") is None
+    assert sorted(stats) == ["clipped_fraction", "epsilon", "grad_norm_median", "sparsity"]
+    assert all(math.isnan(v) for v in stats.values())
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch", "native_conv", "ghost_mixed"])
+def test_each_grad_sample_mode_builds_the_machinery_it_names(mode):
+    """hooks: Opacus's samplers; functorch: functorch for every layer; native_conv:
+    Opacus's hooks with dpstudy's convolution sampler (same gradients, so only this shows
+    it); ghost_mixed: the book-keeping model and optimizer."""
+    cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, epochs=1, batch_size=4,
+                    grad_sample_mode=mode)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.GroupNorm(1, 2))
+    loader = DataLoader(TensorDataset(torch.zeros(8, 1, 4, 4)), batch_size=4)
+    wrapped, opt, _ = build_method(cfg).attach(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
+    if mode == "ghost_mixed":
+        assert type(wrapped) is BookKeepingModule and type(opt) is BookKeepingDPOptimizer
+        return
+    assert type(wrapped) is GradSampleModule and type(opt) is StudyDPOptimizer
+    assert wrapped.force_functorch == (mode == "functorch")
+    assert (wrapped.GRAD_SAMPLERS[nn.Conv2d] is conv2d_grad_sample) == (mode == "native_conv")

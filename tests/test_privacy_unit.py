@@ -243,6 +243,24 @@ def test_method_clips_per_subject_and_accounts_over_subjects():
     assert method.engine.accountant.history == [(1e-9, 1 / 3, 3)]
 
 
+def test_subjects_are_drawn_from_the_loaders_generator_alone():
+    """Subject sampling is reproducible from the loader's generator (seeded from the run's
+    seed by training), whatever the global RNG; another generator seed draws otherwise."""
+    sizes = [2, 3, 1, 4, 2, 3]
+    data = NamedData(_names(sizes), torch.arange(15.0)[:, None].expand(15, 3), torch.zeros(15))
+    cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, privacy_unit="subject",
+                    batch_size=2, epochs=1, **LINEAR)
+    draws = []
+    for global_seed, seed in [(0, 5), (1, 5), (0, 6)]:
+        linear = nn.Linear(3, 1, bias=False)
+        _, _, loader = build_method(cfg).attach(
+            linear, torch.optim.SGD(linear.parameters(), lr=0.0),
+            DataLoader(data, batch_size=2, generator=torch.Generator().manual_seed(seed)))
+        torch.manual_seed(global_seed)
+        draws.append([sorted(int(x) for x in xb[:, 0]) for _ in range(4) for xb, _ in loader])
+    assert draws[0] == draws[1] != draws[2]
+
+
 @pytest.mark.parametrize("case", [
     dict(method="dp_sgd"),
     dict(method="auto_clip"),
@@ -279,12 +297,13 @@ def test_privacy_unit_is_validated_and_hash_neutral_at_its_default():
         base.replace(privacy_unit="subject", max_physical_batch=2)
 
 
-def test_delta_must_be_below_one_over_the_number_of_subjects():
+@pytest.mark.parametrize("delta,shown", [(0.4, "0.4"), (1 / 3, "0.333333")])  # δ = 1/N too
+def test_delta_must_be_below_one_over_the_number_of_subjects(delta, shown):
     data = NamedData(_names([2, 2, 2]), torch.randn(6, 3), torch.zeros(6))
     cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, privacy_unit="subject",
-                    batch_size=1, delta=0.4)
+                    batch_size=1, delta=delta)
     model = nn.Linear(3, 1)
-    with pytest.raises(ConfigError, match="delta=0.4 must be < 1/N = 0.333 \\(N = 3 "
+    with pytest.raises(ConfigError, match=f"delta={shown} must be < 1/N = 0.333 \\(N = 3 "
                                           "training subjects\\)"):
         build_method(cfg).attach(model, torch.optim.SGD(model.parameters(), lr=0.1),
                                  DataLoader(data))
