@@ -144,19 +144,6 @@ def test_trainable_subsets_select_the_documented_parameters():
         "ups", "decoder", "head"}
 
 
-def test_weight_average_is_the_exponential_average_of_the_iterates():
-    net = torch.nn.Linear(2, 1)
-    avg = WeightAverage(net, decay=0.9)
-    w0 = net.weight.detach().clone()
-    expected = w0.clone()
-    for _ in range(3):
-        with torch.no_grad():
-            net.weight.add_(1.0)
-        avg.update(net)
-        expected = 0.9 * expected + 0.1 * net.weight.detach()
-    assert torch.allclose(avg.model.weight, expected)
-
-
 @pytest.mark.slow   # two real 2-epoch trainings
 def test_ema_run_saves_the_averaged_weights(tmp_path):
     base = RunConfig(**{**TINY, "epochs": 2}, method="dp_sgd", noise_multiplier=1.0)

@@ -249,7 +249,7 @@ def test_subjects_are_drawn_from_the_loaders_generator_alone():
     sizes = [2, 3, 1, 4, 2, 3]
     data = NamedData(_names(sizes), torch.arange(15.0)[:, None].expand(15, 3), torch.zeros(15))
     cfg = RunConfig(method="dp_sgd", noise_multiplier=1.0, privacy_unit="subject",
-                    batch_size=2, epochs=1, **LINEAR)
+                    batch_size=2, epochs=1)
     draws = []
     for global_seed, seed in [(0, 5), (1, 5), (0, 6)]:
         linear = nn.Linear(3, 1, bias=False)
