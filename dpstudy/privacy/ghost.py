@@ -220,7 +220,7 @@ class _Sampled:
     tracked) and handed, with the output gradient, to the sampler in the backward pass."""
 
     def __init__(self, layer: nn.Module, mean: bool):
-        self.layer, self.mean, self.inputs = layer, mean, []
+        self.mean, self.inputs = mean, []
         self.sampler = SAMPLERS[type(layer)]
         layer.register_forward_hook(self.keep_input)
         layer.register_full_backward_hook(self.per_sample_grads)
