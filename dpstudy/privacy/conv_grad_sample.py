@@ -27,19 +27,26 @@ from torch import nn
 PER_SAMPLE_CONV = {"cpu": "loop", "cuda": "grouped", "mps": "loop"}
 
 
+def pads_in_kernel(layer: nn.Conv2d) -> bool:
+    """Whether the convolution kernels take this layer's padding as it is (numeric zero
+    padding); otherwise its forward pads the input first (reflect/replicate/circular
+    modes, ``padding="same"``)."""
+    return layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
 def _padded(layer: nn.Conv2d, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
-    """(input, numeric zero padding) that the convolution backward needs: a layer with
-    reflect/replicate/circular padding or ``padding="same"`` pads its input first, as its
-    own forward does. (Opacus's Conv2d sampler zero-pads whatever the padding mode, so
-    its per-sample gradients of such a layer are wrong at the borders.)"""
-    if layer.padding_mode == "zeros" and not isinstance(layer.padding, str):
+    """(input, numeric zero padding) that the convolution backward needs: the input
+    padded first where the layer's own forward does so. (Opacus's Conv2d sampler
+    zero-pads whatever the padding mode, so its per-sample gradients of such a layer are
+    wrong at the borders.)"""
+    if pads_in_kernel(layer):
         return x, list(layer.padding)
     mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
     return F.pad(x, layer._reversed_padding_repeated_twice, mode=mode), [0, 0]
 
 
-def _weight_grad(layer: nn.Conv2d, x, backprops, weight, groups: int) -> torch.Tensor:
-    x, padding = _padded(layer, x)
+def _weight_grad(layer: nn.Conv2d, x, backprops, weight, groups: int, padding: list[int]
+                 ) -> torch.Tensor:
     return torch.ops.aten.convolution_backward(
         backprops, x, weight, None, list(layer.stride), padding,
         list(layer.dilation), False, [0, 0], groups, [False, True, False])[1]
@@ -52,14 +59,15 @@ def per_sample_conv_weight_grad(layer: nn.Conv2d, x: torch.Tensor, backprops: to
     ``method`` (``loop`` | ``grouped``) defaults to :data:`PER_SAMPLE_CONV` of x's device."""
     method = method or PER_SAMPLE_CONV.get(x.device.type, "loop")
     w = layer.weight
+    x, padding = _padded(layer, x)                      # once for the whole batch
     if method == "loop":
-        return torch.stack([_weight_grad(layer, x[i:i + 1], backprops[i:i + 1], w, layer.groups)
-                            for i in range(len(x))])
+        return torch.stack([_weight_grad(layer, x[i:i + 1], backprops[i:i + 1], w,
+                                         layer.groups, padding) for i in range(len(x))])
     if method == "grouped":
         n = len(x)
         folded = _weight_grad(layer, x.reshape(1, -1, *x.shape[2:]),
                               backprops.reshape(1, -1, *backprops.shape[2:]),
-                              w.repeat(n, 1, 1, 1), layer.groups * n)
+                              w.repeat(n, 1, 1, 1), layer.groups * n, padding)
         return folded.view(n, *w.shape)
     raise ValueError(f"unknown per-sample convolution method {method!r}")
 

@@ -46,7 +46,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from ..errors import ConfigError
-from .conv_grad_sample import conv2d_grad_sample, per_sample_conv_weight_grad
+from .conv_grad_sample import conv2d_grad_sample, pads_in_kernel, per_sample_conv_weight_grad
 from .optimizer import StudyDPOptimizer
 
 aten = torch.ops.aten
@@ -199,8 +199,7 @@ def _rule(name: str, layer: nn.Module) -> str | None:
         return None
     if isinstance(layer, nn.GroupNorm) and layer.affine:
         return "group_norm"
-    if (type(layer) is nn.Conv2d and layer.padding_mode == "zeros"
-            and not isinstance(layer.padding, str)):
+    if type(layer) is nn.Conv2d and pads_in_kernel(layer):
         return "conv"
     if type(layer) in SAMPLERS:
         return "sampled"
