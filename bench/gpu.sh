@@ -34,10 +34,10 @@ import sys
 import pandas as pd
 from dpstudy.store import RunStore
 store = RunStore(sys.argv[1])
-rows = [{"run_id": r, "device": store.read_meta(r).get("device"),
-         "duration_s": store.read_meta(r).get("duration_s"),
+metas = {r: store.read_meta(r) for r in store.run_ids()}
+rows = [{"run_id": r, "device": m.get("device"), "duration_s": m.get("duration_s"),
          "epoch_seconds": list(store.read_history(r)["epoch_seconds"].round(3))}
-        for r in store.run_ids()]
+        for r, m in metas.items()]
 print(pd.DataFrame(rows).to_csv(index=False), end="")
 EOF
 cat "$out/epochs.csv"

@@ -118,11 +118,10 @@ def calibrate_store(store) -> Estimator:
     return calibrate(metas)
 
 
-def remaining_seconds(est: Estimator, configs: list[RunConfig], jobs: int,
-                      completed=lambda run_id: False) -> float:
-    """Wall time until every run of ``configs`` not yet ``completed`` is done on ``jobs``
-    workers: the runs others start from (pretraining) in a first wave, as a sweep does."""
-    todo = [c for c in configs if not completed(c.run_id())]
+def remaining_seconds(est: Estimator, todo: list[RunConfig], jobs: int) -> float:
+    """Wall time until every run of ``todo`` (the runs not yet completed) is done on
+    ``jobs`` workers: the runs others start from (pretraining) in a first wave, as a
+    sweep does."""
     first = {c.init_from for c in todo}
     waves = [[est.seconds(c, *data_sizes(c.data, c.limit)) for c in todo
               if (c.run_id() in first) == wave] for wave in (True, False)]
