@@ -166,12 +166,16 @@ class _GroupNorm(torch.autograd.Function):
                 grad_out, x, mean, rstd, weight, n, c, x[0, 0].numel(), layer.num_groups,
                 [True, False, False])[0]
         per_group = c // layer.num_groups
+        summed = grad_out.sum(dim=(2, 3))                          # Σ b_i, [n, c]
         if ctx.needs_input_grad[1]:
-            mean_c = mean.repeat_interleave(per_group, dim=1)[:, :, None, None]
+            # Σ x̂_i·b_i = rstd·(Σ x_i·b_i − μ·Σ b_i): one pass over the activations
+            # fewer than forming x − μ (full-resolution passes dominate this backward)
+            mean_c = mean.repeat_interleave(per_group, dim=1)
             rstd_c = rstd.repeat_interleave(per_group, dim=1) * ctx.scale
-            _store(layer.weight, ((x - mean_c) * grad_out).sum(dim=(2, 3)) * rstd_c)
+            weighted = (x * grad_out).sum(dim=(2, 3))
+            _store(layer.weight, (weighted - mean_c * summed) * rstd_c)
         if ctx.needs_input_grad[2]:
-            _store(layer.bias, grad_out.sum(dim=(2, 3)) * ctx.scale)
+            _store(layer.bias, summed * ctx.scale)
         return grad_x, None, None, None, None
 
 
