@@ -17,11 +17,12 @@ from .store import RunStore
 def epsilon_zero_anchors(store: RunStore, runs: pd.DataFrame,
                          metric: str = "val_dice_fg_mean") -> pd.DataFrame:
     """One row per (pretraining run, data) that DP runs of ``runs`` start from: ``model``,
-    ``init_from``, ``data`` and ``metric``, the pretraining checkpoint scored on the
+    its ``base_width`` and ``depth`` (where ``runs`` has them), ``init_from``, ``data`` and
+    ``metric``, the pretraining checkpoint scored on the
     validation split of those runs' data, on the images they were scored on (their
     ``limit``). A pretraining run that cannot be scored (missing, or its data gone) is
     left out."""
-    cols = ["model", "init_from", "data", metric]
+    cols = ["model", "base_width", "depth", "init_from", "data", metric]
     if runs.empty or "init_from" not in runs or not metric.startswith("val_"):
         return pd.DataFrame(columns=cols)
     private = runs[runs["method"].ne("non_dp") & runs["init_from"].notna()]
@@ -39,6 +40,8 @@ def epsilon_zero_anchors(store: RunStore, runs: pd.DataFrame,
             continue
         key = metric.removeprefix("val_")
         if key in scores:
-            rows.append({"model": group["model"].iloc[0], "init_from": start, "data": data,
+            first = group.iloc[0]
+            rows.append({"model": first["model"], "base_width": first.get("base_width"),
+                         "depth": first.get("depth"), "init_from": start, "data": data,
                          metric: scores[key]})
     return pd.DataFrame(rows, columns=cols)

@@ -212,18 +212,46 @@ def _reference(metric: str, tips: list) -> list[alt.Chart]:
     return [rule, text]
 
 
+#: Anchors closer than this (in the metric) share one label: their rules are drawn
+#: apart, but a line of text each would print one over the other.
+ANCHOR_LABEL_GAP = 0.01
+
+
+def _anchor_names(anchors: pd.DataFrame) -> list[str]:
+    """Each anchor's model, with its width and depth where anchors of that model differ."""
+    arch = anchors.reindex(columns=["model", "base_width", "depth"])
+    variants = arch.drop_duplicates().groupby("model").size()
+    return [MODEL_NAMES.get(m, m) + (f" width {w:g}, depth {d:g}" if variants[m] > 1 else "")
+            for m, w, d in arch.itertuples(index=False)]
+
+
+def _anchor_labels(anchors: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One label per cluster of anchors closer than :data:`ANCHOR_LABEL_GAP`, at the
+    cluster's highest rule, naming every anchor in it."""
+    named = anchors.assign(name=_anchor_names(anchors)).sort_values(metric, ascending=False)
+    clusters: list[list] = []
+    for name, value in zip(named["name"], named[metric]):
+        if not clusters or clusters[-1][0][1] - value >= ANCHOR_LABEL_GAP:
+            clusters.append([])
+        clusters[-1].append((name, value))
+    return pd.DataFrame({
+        metric: [members[0][1] for members in clusters],
+        "label": ["ε = 0: " + ", ".join(f"{n} pretraining alone {v:.3f}" for n, v in members)
+                  for members in clusters]})
+
+
 def _anchor_rules(anchors: pd.DataFrame | None, metric: str) -> list[alt.Chart]:
     """The ε = 0 anchors as dotted grey rules labelled above their left end (an anchor is
     usually the lowest value drawn: a label below it would sit on the axis)."""
     if anchors is None or anchors.empty or metric not in anchors:
         return []
-    data = anchors.assign(label=[f"ε = 0: {MODEL_NAMES.get(m, m)} pretraining alone {v:.3f}"
-                                 for m, v in zip(anchors["model"], anchors[metric])])
-    base = alt.Chart(data).encode(y=f"{metric}:Q")
-    return [base.mark_rule(color="#888888", strokeDash=[1, 3], strokeWidth=2).encode(
-                tooltip=[alt.Tooltip("label:N", title="anchor")]),
-            base.mark_text(align="left", baseline="bottom", dx=4, dy=-3, fontSize=11,
-                           color="#666666").encode(x=alt.value(0), text="label:N")]
+    rules = anchors.assign(label=[f"{n} {v:.3f}" for n, v in
+                                  zip(_anchor_names(anchors), anchors[metric])])
+    return [alt.Chart(rules).mark_rule(color="#888888", strokeDash=[1, 3], strokeWidth=2).encode(
+                y=f"{metric}:Q", tooltip=[alt.Tooltip("label:N", title="ε = 0 anchor")]),
+            alt.Chart(_anchor_labels(anchors, metric)).mark_text(
+                align="left", baseline="bottom", dx=4, dy=-3, fontSize=11, color="#666666"
+            ).encode(x=alt.value(0), y=f"{metric}:Q", text="label:N")]
 
 
 def _tips(data: pd.DataFrame, metric: str, extra=()) -> tuple[dict, list, list]:
