@@ -17,11 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import RunConfig
-from .data.source import SYNTHETIC, SYNTHETIC_SIZES
+from .data.source import SYNTHETIC_SIZES, parse_synthetic_spec
 from .errors import StoreError
 
 #: The reference epoch: 66 training and 22 validation B-scans at 128×128, base width 8.
 REFERENCE_IMAGES, REFERENCE_PIXELS, REFERENCE_WIDTH = 66 + 22 / 2, 128 * 128, 8
+#: Cost per epoch grows as width ** WIDTH_EXPONENT, not width² (the multiply-adds):
+#: at these sizes memory-bound passes over activations, linear in the width, weigh as
+#: much; width 16, depth 4 took 1.75× width 8, depth 3 per epoch here (2 ** 0.81).
+WIDTH_EXPONENT = 0.8
 #: Seconds per reference epoch by (model, private), measured on the development machine
 #: (2 cores, two runs at once): U-Net 122 s non-private and 165 s DP for 30 epochs
 #: (results/matched/summary.csv); Nested U-Net about 1.8× U-Net (quick profile's sizing).
@@ -37,9 +41,11 @@ MIN_UNITS = 0.1
 
 
 def data_sizes(spec: str, limit: int | None = None) -> tuple[int, int]:
-    """(training, validation) B-scans of a data spec, by counting files (no loading)."""
-    if spec == SYNTHETIC:
-        n = SYNTHETIC_SIZES["train"], SYNTHETIC_SIZES["val"]
+    """(training, validation) B-scans of a data spec: a phantom's from its spec
+    (``synthetic:n=600`` trains on 600), a folder's by counting files (no loading)."""
+    phantom = parse_synthetic_spec(spec)
+    if phantom is not None:
+        n = phantom.n, SYNTHETIC_SIZES["val"]
     else:
         n = tuple(len(list((Path(spec).expanduser() / split / "images").glob("*.npy")))
                   for split in ("train", "val"))
@@ -51,14 +57,13 @@ def epoch_units(cfg: RunConfig, n_trained: int, n_val: int) -> float:
     images = n_trained * cfg.aug_multiplicity + n_val / 2
     height, width = cfg.image_size
     return (images / REFERENCE_IMAGES * height * width / REFERENCE_PIXELS
-            * (cfg.base_width / REFERENCE_WIDTH) ** 2)
+            * (cfg.base_width / REFERENCE_WIDTH) ** WIDTH_EXPONENT)
 
 
 def _kinds(cfg: RunConfig) -> tuple[tuple, tuple]:
     """The keys a run is timed under: its exact architecture first, then (model, private).
-    Cost does not follow width² at these sizes (width 16, depth 4 took 1.75× the
-    time of width 8, depth 3 per epoch here, not 4×), so a run of the same architecture
-    is the better yardstick where one exists."""
+    :data:`WIDTH_EXPONENT` is one machine's measurement, so a run of the same
+    architecture is the better yardstick where one exists."""
     kind = (cfg.model, cfg.private)
     return (*kind, cfg.base_width, cfg.depth, tuple(cfg.image_size)), kind
 
@@ -76,7 +81,7 @@ class Estimator:
         ``audit_holdout`` keeps out)."""
         units = epoch_units(cfg, n_train * (1 - cfg.audit_holdout), n_val)
         start = START_S + (PHANTOM_S_PER_SCAN * (n_train + 2 * n_val)  # val and test alike
-                           if cfg.data == SYNTHETIC else 0.0)
+                           if parse_synthetic_spec(cfg.data) else 0.0)
         rate = next(self.rates[k] for k in _kinds(cfg) if k in self.rates)
         return start + cfg.epochs * units * rate
 

@@ -786,15 +786,16 @@ def test_a_run_of_the_same_architecture_is_the_yardstick_where_one_exists():
     meta = {"config": small.to_dict(), "status": "completed", "epochs_done": 10,
             "duration_s": 100.0, "data": {"n_train": 66, "n_val": 22}}
     est = estimate.calibrate([meta])
-    # no wide run yet: the width-8 rate, scaled by width² (4 reference epochs per epoch)
+    # no wide run yet: the width-8 rate, scaled by the measured width exponent
     assert est.seconds(wide, 66, 22) - est.seconds(small, 66, 22) == pytest.approx(
-        small.epochs * (4 - 1) * 10.0)
+        small.epochs * (2 ** estimate.WIDTH_EXPONENT - 1) * 10.0)
     wide_meta = {**meta, "config": wide.to_dict(), "duration_s": 175.0}   # 1.75× width 8
     est = estimate.calibrate([meta, wide_meta])
     assert est.seconds(wide, 66, 22) - est.seconds(small, 66, 22) == pytest.approx(
         small.epochs * (1.75 - 1) * 10.0)
     assert est.basis([wide]).startswith("calibrated on 1 completed run")
-    assert est.rates[("unet", False)] == pytest.approx((10.0 + 175.0 / 40) / 2)
+    assert est.rates[("unet", False)] == pytest.approx(
+        (10.0 + 175.0 / (10 * 2 ** estimate.WIDTH_EXPONENT)) / 2)
 
 
 def test_remaining_time_trains_pretraining_first():
@@ -810,3 +811,19 @@ def test_remaining_time_trains_pretraining_first():
     # once the pretraining and one run are done, the other two run side by side
     assert estimate.remaining_seconds(est, runs[1:], jobs=2) == pytest.approx(
         each[runs[1].run_id()])
+
+
+def test_a_phantom_spec_is_sized_by_its_own_scan_count(tmp_path):
+    from dpstudy import estimate
+    # the best profile's pretraining data: 600 training scans, not an empty folder
+    assert estimate.data_sizes("synthetic:n=600,dr=1") == (600, 22)
+    assert estimate.data_sizes("synthetic") == (66, 22)
+    assert estimate.data_sizes("synthetic:n=600", limit=8) == (8, 8)
+    pre = launch_form.DEFAULT.replace(data="synthetic:n=600,dr=1")
+    est = estimate.Estimator()
+    # the phantom is generated (once) before training: a start cost per generated scan
+    assert est.seconds(pre, 600, 22) == pytest.approx(
+        estimate.START_S + estimate.PHANTOM_S_PER_SCAN * (600 + 2 * 22)
+        + pre.epochs * estimate.epoch_units(pre, 600, 22) * est.rates[("unet", False)])
+    (tmp_path / "train" / "images").mkdir(parents=True)
+    assert estimate.data_sizes(str(tmp_path)) == (0, 0)
