@@ -36,7 +36,8 @@ def test_grid_gives_one_run_per_privacy_point_and_none_for_non_dp():
 #: (grid runs, pretraining runs) of every shipped profile, as its header comment says.
 DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "audit": (30, 1),
                    "best": (10, 1), "landscape": (153, 1), "models": (60, 2), "levers": (9, 1), "levers_pretrain": (3, 1),
-                   "width": (15, 2), "levers_w16": (19, 2)}
+                   "width": (15, 2), "levers_w16": (19, 2),
+                   "levers_w16_pretrain": (3, 1)}
 
 
 def test_every_shipped_profile_expands_to_the_runs_it_documents():
