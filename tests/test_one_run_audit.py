@@ -74,6 +74,8 @@ def test_p_value_is_the_binomial_tail_without_delta():
     assert p_value(100, 20, 15, 1.0, 0.0) == pytest.approx(
         stats.binom.sf(14, 20, math.e / (1 + math.e)))
     assert p_value(100, 20, 15, 1.0, 1e-3) > p_value(100, 20, 15, 1.0, 0.0)   # δ only adds
+    assert p_value(100, 20, 0, 1.0, DELTA) == 1.0                # no correct guess needed
+    assert p_value(20, 20, 20, 0.0, 0.0) == pytest.approx(0.5 ** 20)   # v = r = m allowed
     with pytest.raises(ValueError, match="v ≤ r ≤ m"):
         p_value(10, 20, 5, 1.0, 0.0)
     eps = epsilon_lower_bound(1000, 200, 150, DELTA)
@@ -141,6 +143,44 @@ def test_canaries_need_a_distinct_coordinate_each_and_a_valid_count():
     assert len({(int(i), int(j)) for i, j in zip(c.param, c.local)}) == 107
     with pytest.raises(ConfigError, match="audit_canaries=-1"):
         RunConfig(audit_canaries=-1)
+
+
+def test_canaries_are_seeded_fair_and_land_on_their_own_logical_coordinates():
+    """Two instances with one seed agree (placement, inclusion, every step's draw, even
+    interleaved); about half are included and only included ones are drawn; a canary's
+    value is added to (not written over) its coordinate in logical order, also in a
+    channels-last gradient; masks scale it; each observation adds to the scores."""
+    shapes = [torch.Size([2, 3, 2, 2]), torch.Size([5])]
+    a, b = (GradientCanaries(shapes, 10, 2.0, 0.5, seed=4) for _ in range(2))
+    assert torch.equal(a.param, b.param) and torch.equal(a.local, b.local)
+    assert torch.equal(a.included, b.included)
+    for _ in range(3):
+        assert torch.equal(a.draw(), b.draw())
+    sizes = torch.tensor([s.numel() for s in shapes])
+    assert ((a.local >= 0) & (a.local < sizes[a.param])).all()
+    many = GradientCanaries([torch.Size([4000])], 2000, 1.0, 0.5, seed=0)
+    assert 900 < int(many.included.sum()) < 1100
+    drawn = many.draw()
+    assert not (drawn & ~many.included).any() and 400 < int(drawn.sum()) < 600
+
+    assert set(a.param.tolist()) == {0, 1}
+    flat_index = torch.tensor([0, 24])[a.param] + a.local        # logical (row-major) order
+    grads = [torch.ones(shapes[0]).to(memory_format=torch.channels_last), torch.ones(5)]
+    values = torch.arange(1.0, 11.0, dtype=torch.float64)
+    a.add_to(grads, values)
+    flat = torch.cat([g.flatten() for g in grads])
+    expected = torch.ones(29)
+    expected[flat_index] += values.float()
+    torch.testing.assert_close(flat, expected)
+    a.observe(grads)
+    a.observe(grads)
+    assert a.steps == 2
+    torch.testing.assert_close(a.scores, 2 * (1 + values))
+    masks = [torch.ones(shapes[0]), torch.ones(5)]
+    masks[1][:] = 0.0                                             # drop the second tensor
+    present = torch.ones(10, dtype=torch.bool)
+    torch.testing.assert_close(a.values(present, masks),
+                               torch.where(a.param == 0, 2.0, 0.0).double())
 
 
 AUDITED = dict(model="unet", data="synthetic", limit=12, image_size=(32, 32), base_width=8,
