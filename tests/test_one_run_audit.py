@@ -82,6 +82,19 @@ def test_p_value_is_the_binomial_tail_without_delta():
     assert p_value(1000, 200, 150, eps, DELTA) <= 0.05 < p_value(1000, 200, 150, eps + 0.01, DELTA)
 
 
+@pytest.mark.parametrize("m,r,v,eps,delta", [(100, 20, 15, 1.0, 1e-3), (1000, 200, 150, 0.5, 1e-4),
+                                              (50, 10, 10, 2.0, 1e-3), (100, 20, 5, 0.0, 0.01)])
+def test_p_value_is_theorem_5_2_with_its_delta_term(m, r, v, eps, delta):
+    """β + 2mδ · max_{i=1..v} P[v − i ≤ Binomial(r, e^ε/(1+e^ε)) < v] / i, capped at 1
+    (the last case is capped), each probability summed term by term."""
+    acc = math.exp(eps) / (1 + math.exp(eps))
+    pmf = [math.comb(r, j) * acc ** j * (1 - acc) ** (r - j) for j in range(r + 1)]
+    beta = sum(pmf[v:])
+    alpha = max(sum(pmf[v - i:v]) / i for i in range(1, v + 1))
+    assert p_value(m, r, v, eps, delta) == pytest.approx(min(1.0, beta + 2 * m * delta * alpha),
+                                                         rel=1e-9)
+
+
 def test_guesses_take_both_ends_of_the_ranking():
     assert list(guess(np.array([0.3, -2.0, 5.0, 0.1, 1.0]), 2)) == [0, -1, 1, -1, 1]
 
@@ -140,7 +153,8 @@ def test_canaries_need_a_distinct_coordinate_each_and_a_valid_count():
     with pytest.raises(ValueError, match="1000 canaries need as many parameters"):
         GradientCanaries([torch.Size([10, 10])], 1000, 1.0, 0.5, seed=0)
     c = GradientCanaries([torch.Size([10, 10]), torch.Size([7])], 107, 1.0, 0.5, seed=0)
-    assert len({(int(i), int(j)) for i, j in zip(c.param, c.local)}) == 107
+    assert {(int(i), int(j)) for i, j in zip(c.param, c.local)} == {
+        (0, j) for j in range(100)} | {(1, j) for j in range(7)}     # every coordinate once
     with pytest.raises(ConfigError, match="audit_canaries=-1"):
         RunConfig(audit_canaries=-1)
 
