@@ -327,6 +327,8 @@ def test_a_layer_without_any_per_sample_rule_is_refused_by_name():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), Scale())
     with pytest.raises(ConfigError, match=r"layer '1' \(Scale\).*grad_sample_mode functorch"):
         BookKeepingModule(model)
+    with pytest.raises(ValueError, match="^loss_reduction='none': use mean or sum$"):
+        BookKeepingModule(nn.Conv2d(1, 4, 3), loss_reduction="none")
 
 
 def test_a_summed_loss_declared_to_the_engine_reaches_the_book_keeping_model():
@@ -350,19 +352,20 @@ def test_a_summed_loss_declared_to_the_engine_reaches_the_book_keeping_model():
 
 
 class _RoutedNet(nn.Module):
-    """One layer per routing case (outputs 6×10, then 3×5): a materialised convolution,
-    GroupNorms with non-trivial affine parameters (one with a frozen bias and its own eps,
-    one with a frozen weight), a grouped and dilated convolution, one with a frozen weight
+    """One layer per routing case (outputs 6×10, then 3×5): GroupNorms with non-trivial
+    affine parameters (one on the one-channel input, one with a frozen bias and its own
+    eps, one with a frozen weight), a materialised convolution, a grouped and dilated convolution, one with a frozen weight
     and a trained bias, one through the grad sampler (reflect padding), a ghost-norm one
     at 3×5 (T = 15 < 16.9 positions, the cost rule's boundary at d = 72, p = 64) and a
     one-channel head."""
 
     def __init__(self):
         super().__init__()
-        self.first = nn.Conv2d(2, 8, 3, padding=1)
+        self.norm_in = nn.GroupNorm(1, 1)
+        self.first = nn.Conv2d(1, 8, 3, padding=1)
         self.norm = nn.GroupNorm(2, 8, eps=0.1)
         self.norm_frozen_weight = nn.GroupNorm(4, 8)
-        for norm in (self.norm, self.norm_frozen_weight):
+        for norm in (self.norm_in, self.norm, self.norm_frozen_weight):
             nn.init.normal_(norm.weight)
             nn.init.normal_(norm.bias)
         self.norm.bias.requires_grad_(False)
@@ -375,12 +378,13 @@ class _RoutedNet(nn.Module):
         self.head = nn.Conv2d(64, 1, 1)
 
     def forward(self, x):
-        h = self.grouped(torch.relu(self.norm(self.first(x))))
+        h = self.grouped(torch.relu(self.norm(self.first(self.norm_in(x)))))
         h = self.reflect(self.frozen_weight(self.norm_frozen_weight(h)))
         return self.head(torch.relu(self.deep(torch.tanh(h))))
 
 
-def test_each_layer_is_routed_by_its_rule_and_its_gradients_are_per_sample():
+@pytest.mark.parametrize("batch", [3, 1])
+def test_each_layer_is_routed_by_its_rule_and_its_gradients_are_per_sample(batch):
     """Ghost norms exactly where the convolution's own T, d, p make them cheaper (groups 1,
     zero padding); evaluation is the plain model and keeps no inputs; the ghost layer's
     placeholder is a NaN view of the parameter's shape and dtype; every per-sample
@@ -390,16 +394,16 @@ def test_each_layer_is_routed_by_its_rule_and_its_gradients_are_per_sample():
     model = _RoutedNet().double()
     reference = copy.deepcopy(model)
     wrapped = BookKeepingModule(model)
-    x, r = torch.randn(3, 2, 6, 10, dtype=torch.float64), torch.randn(3, 1, 3, 5,
-                                                                         dtype=torch.float64)
+    x, r = torch.randn(batch, 1, 6, 10, dtype=torch.float64), torch.randn(batch, 1, 3, 5,
+                                                                             dtype=torch.float64)
     sampled = next(h.__self__ for h in model.reflect._forward_hooks.values())
     with torch.no_grad():
-        torch.testing.assert_close(wrapped(x), reference(x))
+        torch.testing.assert_close(wrapped(x=x), reference(x))     # keywords reach the model
     assert sampled.inputs == []                          # evaluation keeps no activations
     (wrapped(x) ** 2 * r).flatten(1).sum(1).mean().backward()
     assert not any(hasattr(p, "grad_sample") for p in model.parameters() if not p.requires_grad)
     rows = []
-    for i in range(3):
+    for i in range(batch):
         reference.zero_grad()
         (reference(x[i:i + 1]) ** 2 * r[i:i + 1]).sum().backward()
         rows.append([p.grad.clone() for p in reference.parameters() if p.requires_grad])
@@ -415,10 +419,68 @@ def test_each_layer_is_routed_by_its_rule_and_its_gradients_are_per_sample():
                                            and ghost_norm_is_cheaper(out, d, channels_out)), name
         if ghost is not None:
             placeholder = p.grad_sample
-            assert placeholder.shape == (3, *p.shape) and placeholder.dtype == p.dtype
+            assert placeholder.shape == (batch, *p.shape) and placeholder.dtype == p.dtype
             assert torch.isnan(placeholder).all() and not any(placeholder.stride())  # no memory
             torch.testing.assert_close(ghost.norms(), e.flatten(1).norm(dim=1))
             torch.testing.assert_close(ghost.materialise(), e)
         else:
             torch.testing.assert_close(p.grad_sample, e, msg=name)
     assert sum(getattr(p, "ghost_grad", None) is not None for _, p in trained) == 1
+
+
+def test_a_model_of_ghost_layers_only_is_clipped_by_ghost_norms():
+    """Every trained parameter a ghost (no materialised gradient at all): the update is
+    still the clipped, noised sum of the per-sample gradients."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(64, 64, 3, padding=1, bias=False)        # T = 16 at 4×4: ghost norms
+    reference = copy.deepcopy(model)
+    wrapped = BookKeepingModule(model)
+    x, r = torch.randn(3, 64, 4, 4), torch.randn(3, 64, 4, 4)
+    kwargs = dict(noise_multiplier=0.5, max_grad_norm=1.0, expected_batch_size=3)
+    opt = BookKeepingDPOptimizer(torch.optim.SGD(wrapped.parameters(), lr=0.1),
+                                 generator=torch.Generator().manual_seed(7), **kwargs)
+    ref_opt = StudyDPOptimizer(torch.optim.SGD(reference.parameters(), lr=0.1),
+                               generator=torch.Generator().manual_seed(7), **kwargs)
+    (wrapped(x) * r).flatten(1).sum(1).mean().backward()
+    assert model.weight.ghost_grad is not None
+    reference.weight.grad_sample = torch.stack([
+        torch.autograd.grad((reference(x[i:i + 1]) * r[i:i + 1]).sum(), reference.weight)[0]
+        for i in range(3)])
+    opt.pre_step()
+    ref_opt.pre_step()
+    torch.testing.assert_close(torch.cat(opt.norm_log), torch.cat(ref_opt.norm_log))
+    torch.testing.assert_close(model.weight.grad, reference.weight.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_physical_batches_accumulate_into_one_step_and_zero_grad_follows_opacus():
+    """A skipped step (the first physical batch of a logical one) keeps its clipped sum
+    for the next; a second step on the same per-sample gradients is refused; zero_grad()
+    zeroes the gradients and zero_grad(set_to_none=True) drops them, as Opacus's does."""
+    torch.manual_seed(0)
+    model = nn.Conv2d(64, 64, 3, padding=1)          # weight: ghost norm; bias: materialised
+    reference = copy.deepcopy(model)
+    wrapped = BookKeepingModule(model)
+    kwargs = dict(noise_multiplier=0.5, max_grad_norm=1.0, expected_batch_size=4)
+    opts = [cls(torch.optim.SGD(m.parameters(), lr=1.0),
+                generator=torch.Generator().manual_seed(7), **kwargs)
+            for cls, m in ((BookKeepingDPOptimizer, wrapped), (StudyDPOptimizer, reference))]
+    for k in range(2):
+        x, r = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4)
+        (wrapped(x) * r).flatten(1).sum(1).mean().backward()
+        assert model.weight.ghost_grad is not None
+        for p in reference.parameters():
+            p.grad_sample = torch.stack([torch.autograd.grad(
+                (reference(x[i:i + 1]) * r[i:i + 1]).sum(), p)[0] for i in range(2)])
+        for opt in opts:
+            opt.signal_skip_step(do_skip=k == 0)
+            opt.step()
+            if k == 0:
+                opt.zero_grad(set_to_none=True)
+    for p, q in zip(wrapped.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError):
+        opts[0].step()
+    opts[0].zero_grad()
+    assert all(p.grad is not None and not p.grad.any() for p in wrapped.parameters())
+    opts[0].zero_grad(set_to_none=True)
+    assert all(p.grad is None and p.ghost_grad is None for p in wrapped.parameters())
