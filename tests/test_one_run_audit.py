@@ -17,7 +17,8 @@ from dpstudy.errors import ConfigError
 from dpstudy.methods import build_method
 from dpstudy.privacy import optimizer as dp_optimizer
 from dpstudy.privacy.canaries import GradientCanaries
-from dpstudy.privacy.one_run_audit import audit, epsilon_lower_bound, guess, p_value
+from dpstudy.privacy.one_run_audit import (GUESS_FRACTIONS, audit, epsilon_lower_bound,
+                                           guess, p_value)
 from dpstudy.train import train
 
 from _runs import quiet
@@ -93,6 +94,27 @@ def test_p_value_is_theorem_5_2_with_its_delta_term(m, r, v, eps, delta):
     alpha = max(sum(pmf[v - i:v]) / i for i in range(1, v + 1))
     assert p_value(m, r, v, eps, delta) == pytest.approx(min(1.0, beta + 2 * m * delta * alpha),
                                                          rel=1e-9)
+
+
+@pytest.mark.parametrize("m,guesses,correct", [(100, 2, 0), (1000, 20, 10)])
+def test_without_any_bound_the_smallest_guess_count_is_reported(m, guesses, correct):
+    """Tied scores and alternating truth: every guess count is right half the time, no ε
+    is rejected, and the record is that of the first (smallest) count, k = max(1, ⌊fm⌋/2)
+    at each end; the truth may be given as 0/1."""
+    included = np.arange(m) % 2 == 0
+    result = audit(np.zeros(m), included.astype(int), DELTA)
+    assert result == {"m": m, "n_included": m // 2, "guesses": guesses, "correct": correct,
+                      "epsilon_lower_bound": 0.0, "confidence": 0.95, "delta": DELTA,
+                      "guess_fractions": list(GUESS_FRACTIONS)}
+
+
+def test_the_reported_bound_is_judged_at_the_bonferroni_corrected_level():
+    included = np.random.default_rng(5).random(1000) < 0.5
+    result = audit(included.astype(float), included, DELTA)
+    assert result["epsilon_lower_bound"] == epsilon_lower_bound(
+        1000, result["guesses"], result["correct"], DELTA, 0.05 / len(GUESS_FRACTIONS))
+    assert result["epsilon_lower_bound"] < epsilon_lower_bound(
+        1000, result["guesses"], result["correct"], DELTA, 0.05)
 
 
 def test_guesses_take_both_ends_of_the_ranking():
