@@ -353,8 +353,8 @@ def test_a_summed_loss_declared_to_the_engine_reaches_the_book_keeping_model():
 
 class _RoutedNet(nn.Module):
     """One layer per routing case (outputs 6×10, then 3×5): GroupNorms with non-trivial
-    affine parameters (one on the one-channel input, one with a frozen bias and its own
-    eps, one with a frozen weight), a materialised convolution, a grouped and dilated convolution, one with a frozen weight
+    affine parameters (on the one-channel input and output, one with a frozen bias and
+    its own eps, one with a frozen weight), a materialised convolution, a grouped and dilated convolution, one with a frozen weight
     and a trained bias, one through the grad sampler (reflect padding), a ghost-norm one
     at 3×5 (T = 15 < 16.9 positions, the cost rule's boundary at d = 72, p = 64) and a
     one-channel head."""
@@ -365,7 +365,8 @@ class _RoutedNet(nn.Module):
         self.first = nn.Conv2d(1, 8, 3, padding=1)
         self.norm = nn.GroupNorm(2, 8, eps=0.1)
         self.norm_frozen_weight = nn.GroupNorm(4, 8)
-        for norm in (self.norm_in, self.norm, self.norm_frozen_weight):
+        self.norm_out = nn.GroupNorm(1, 1)
+        for norm in (self.norm_in, self.norm, self.norm_frozen_weight, self.norm_out):
             nn.init.normal_(norm.weight)
             nn.init.normal_(norm.bias)
         self.norm.bias.requires_grad_(False)
@@ -380,7 +381,7 @@ class _RoutedNet(nn.Module):
     def forward(self, x):
         h = self.grouped(torch.relu(self.norm(self.first(self.norm_in(x)))))
         h = self.reflect(self.frozen_weight(self.norm_frozen_weight(h)))
-        return self.head(torch.relu(self.deep(torch.tanh(h))))
+        return self.norm_out(self.head(torch.relu(self.deep(torch.tanh(h)))))
 
 
 @pytest.mark.parametrize("batch", [3, 1])
