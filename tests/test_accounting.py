@@ -8,7 +8,7 @@ import pytest
 import torch
 from dp_accounting import GaussianDpEvent, PoissonSampledDpEvent
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant as GooglePLD
-from opacus.accountants import PRVAccountant, RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant, create_accountant
 from scipy.optimize import brentq, minimize_scalar
 from scipy.special import log_ndtr, ndtr
 from torch import nn
@@ -133,6 +133,8 @@ def test_pld_accountant_state_survives_a_checkpoint():
     restored = PLDAccountant()
     restored.load_state_dict(acc.state_dict())
     assert restored.get_epsilon(DELTA) == acc.get_epsilon(DELTA)
+    # the stored mechanism is the name the accountant is registered under
+    assert isinstance(create_accountant(acc.state_dict()["mechanism"]), PLDAccountant)
     with pytest.raises(ValueError):
         RDPAccountant().load_state_dict(acc.state_dict())
 

@@ -17,7 +17,8 @@ from dpstudy.errors import ConfigError
 from dpstudy.methods import build_method
 from dpstudy.privacy import optimizer as dp_optimizer
 from dpstudy.privacy.canaries import GradientCanaries
-from dpstudy.privacy.one_run_audit import audit, epsilon_lower_bound, guess, p_value
+from dpstudy.privacy.one_run_audit import (GUESS_FRACTIONS, audit, epsilon_lower_bound,
+                                           guess, p_value)
 from dpstudy.train import train
 
 from _runs import quiet
@@ -74,10 +75,46 @@ def test_p_value_is_the_binomial_tail_without_delta():
     assert p_value(100, 20, 15, 1.0, 0.0) == pytest.approx(
         stats.binom.sf(14, 20, math.e / (1 + math.e)))
     assert p_value(100, 20, 15, 1.0, 1e-3) > p_value(100, 20, 15, 1.0, 0.0)   # δ only adds
+    assert p_value(100, 20, 0, 1.0, DELTA) == 1.0                # no correct guess needed
+    assert p_value(20, 20, 20, 0.0, 0.0) == pytest.approx(0.5 ** 20)   # v = r = m allowed
     with pytest.raises(ValueError, match="v ≤ r ≤ m"):
         p_value(10, 20, 5, 1.0, 0.0)
     eps = epsilon_lower_bound(1000, 200, 150, DELTA)
     assert p_value(1000, 200, 150, eps, DELTA) <= 0.05 < p_value(1000, 200, 150, eps + 0.01, DELTA)
+
+
+@pytest.mark.parametrize("m,r,v,eps,delta", [(100, 20, 15, 1.0, 1e-3), (1000, 200, 150, 0.5, 1e-4),
+                                              (50, 10, 10, 2.0, 1e-3), (100, 20, 5, 0.0, 0.01)])
+def test_p_value_is_theorem_5_2_with_its_delta_term(m, r, v, eps, delta):
+    """β + 2mδ · max_{i=1..v} P[v − i ≤ Binomial(r, e^ε/(1+e^ε)) < v] / i, capped at 1
+    (the last case is capped), each probability summed term by term."""
+    acc = math.exp(eps) / (1 + math.exp(eps))
+    pmf = [math.comb(r, j) * acc ** j * (1 - acc) ** (r - j) for j in range(r + 1)]
+    beta = sum(pmf[v:])
+    alpha = max(sum(pmf[v - i:v]) / i for i in range(1, v + 1))
+    assert p_value(m, r, v, eps, delta) == pytest.approx(min(1.0, beta + 2 * m * delta * alpha),
+                                                         rel=1e-9)
+
+
+@pytest.mark.parametrize("m,guesses,correct", [(100, 2, 0), (1000, 20, 10)])
+def test_without_any_bound_the_smallest_guess_count_is_reported(m, guesses, correct):
+    """Tied scores and alternating truth: every guess count is right half the time, no ε
+    is rejected, and the record is that of the first (smallest) count, k = max(1, ⌊fm⌋/2)
+    at each end; the truth may be given as 0/1."""
+    included = np.arange(m) % 2 == 0
+    result = audit(np.zeros(m), included.astype(int), DELTA)
+    assert result == {"m": m, "n_included": m // 2, "guesses": guesses, "correct": correct,
+                      "epsilon_lower_bound": 0.0, "confidence": 0.95, "delta": DELTA,
+                      "guess_fractions": list(GUESS_FRACTIONS)}
+
+
+def test_the_reported_bound_is_judged_at_the_bonferroni_corrected_level():
+    included = np.random.default_rng(5).random(1000) < 0.5
+    result = audit(included.astype(float), included, DELTA)
+    assert result["epsilon_lower_bound"] == epsilon_lower_bound(
+        1000, result["guesses"], result["correct"], DELTA, 0.05 / len(GUESS_FRACTIONS))
+    assert result["epsilon_lower_bound"] < epsilon_lower_bound(
+        1000, result["guesses"], result["correct"], DELTA, 0.05)
 
 
 def test_guesses_take_both_ends_of_the_ranking():
@@ -138,9 +175,48 @@ def test_canaries_need_a_distinct_coordinate_each_and_a_valid_count():
     with pytest.raises(ValueError, match="1000 canaries need as many parameters"):
         GradientCanaries([torch.Size([10, 10])], 1000, 1.0, 0.5, seed=0)
     c = GradientCanaries([torch.Size([10, 10]), torch.Size([7])], 107, 1.0, 0.5, seed=0)
-    assert len({(int(i), int(j)) for i, j in zip(c.param, c.local)}) == 107
+    assert {(int(i), int(j)) for i, j in zip(c.param, c.local)} == {
+        (0, j) for j in range(100)} | {(1, j) for j in range(7)}     # every coordinate once
     with pytest.raises(ConfigError, match="audit_canaries=-1"):
         RunConfig(audit_canaries=-1)
+
+
+def test_canaries_are_seeded_fair_and_land_on_their_own_logical_coordinates():
+    """Two instances with one seed agree (placement, inclusion, every step's draw, even
+    interleaved); about half are included and only included ones are drawn; a canary's
+    value is added to (not written over) its coordinate in logical order, also in a
+    channels-last gradient; masks scale it; each observation adds to the scores."""
+    shapes = [torch.Size([2, 3, 2, 2]), torch.Size([5])]
+    a, b = (GradientCanaries(shapes, 10, 2.0, 0.5, seed=4) for _ in range(2))
+    assert torch.equal(a.param, b.param) and torch.equal(a.local, b.local)
+    assert torch.equal(a.included, b.included)
+    for _ in range(3):
+        assert torch.equal(a.draw(), b.draw())
+    sizes = torch.tensor([s.numel() for s in shapes])
+    assert ((a.local >= 0) & (a.local < sizes[a.param])).all()
+    many = GradientCanaries([torch.Size([4000])], 2000, 1.0, 0.5, seed=0)
+    assert 900 < int(many.included.sum()) < 1100
+    drawn = many.draw()
+    assert not (drawn & ~many.included).any() and 400 < int(drawn.sum()) < 600
+
+    assert set(a.param.tolist()) == {0, 1}
+    flat_index = torch.tensor([0, 24])[a.param] + a.local        # logical (row-major) order
+    grads = [torch.ones(shapes[0]).to(memory_format=torch.channels_last), torch.ones(5)]
+    values = torch.arange(1.0, 11.0, dtype=torch.float64)
+    a.add_to(grads, values)
+    flat = torch.cat([g.flatten() for g in grads])
+    expected = torch.ones(29)
+    expected[flat_index] += values.float()
+    torch.testing.assert_close(flat, expected)
+    a.observe(grads)
+    a.observe(grads)
+    assert a.steps == 2
+    torch.testing.assert_close(a.scores, 2 * (1 + values))
+    masks = [torch.ones(shapes[0]), torch.ones(5)]
+    masks[1][:] = 0.0                                             # drop the second tensor
+    present = torch.ones(10, dtype=torch.bool)
+    torch.testing.assert_close(a.values(present, masks),
+                               torch.where(a.param == 0, 2.0, 0.0).double())
 
 
 AUDITED = dict(model="unet", data="synthetic", limit=12, image_size=(32, 32), base_width=8,

@@ -290,16 +290,19 @@ class BookKeepingDPOptimizer(StudyDPOptimizer):
             return super().clip_and_accumulate()
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-        block_norms = torch.stack([
-            g.norms() if g is not None else p.grad_sample.flatten(1).norm(2, dim=-1)
-            for p, g in zip(self.params, ghosts)], dim=1)
-        factors = self.clip_factors(block_norms)
-        for i, (p, ghost) in enumerate(zip(self.params, ghosts)):
-            summed = (ghost.weighted_sum(factors[:, i]) if ghost is not None
-                      else torch.einsum("i,i...", factors[:, i], p.grad_sample))
-            p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
-            _mark_as_processed(p.grad_sample)
-            p.ghost_grad = None
+        # the ghost norms and sums read the layers' weights and saved inputs, which require
+        # gradients: without no_grad every summed gradient would carry their autograd graph
+        with torch.no_grad():
+            block_norms = torch.stack([
+                g.norms() if g is not None else p.grad_sample.flatten(1).norm(2, dim=-1)
+                for p, g in zip(self.params, ghosts)], dim=1)
+            factors = self.clip_factors(block_norms)
+            for i, (p, ghost) in enumerate(zip(self.params, ghosts)):
+                summed = (ghost.weighted_sum(factors[:, i]) if ghost is not None
+                          else torch.einsum("i,i...", factors[:, i], p.grad_sample))
+                p.summed_grad = summed if p.summed_grad is None else p.summed_grad + summed
+                _mark_as_processed(p.grad_sample)
+                p.ghost_grad = None
 
     def zero_grad(self, set_to_none: bool = False):
         super().zero_grad(set_to_none)
