@@ -250,3 +250,21 @@ def test_empty_and_single_sample_poisson_batches_each_take_one_private_step():
             for g, got in zip(alone, batch["grads"]):
                 torch.testing.assert_close(got[0], g, rtol=1e-4, atol=1e-6)
     assert loss == pytest.approx(np.mean(seen), rel=1e-5)
+
+
+def test_an_augmented_epoch_draws_its_copies_from_the_runs_augmentation_generator():
+    """With augment=True the copies come from the generator ``train`` seeds for them
+    (its own stream), never the global RNG: the epoch advances that generator only."""
+    cfg = RunConfig(method="non_dp", image_size=(SIZE, SIZE), base_width=4, depth=1,
+                    epochs=1, batch_size=2, augment=True, aug_multiplicity=2)
+    torch.manual_seed(0)
+    batches = [(torch.randn(2, 1, SIZE, SIZE), torch.randint(0, 9, (2, SIZE, SIZE)))
+               for _ in range(2)]
+    net = build_model("unet", cfg.base_width, cfg.depth)
+    method = build_method(cfg)
+    model, opt, _ = method.attach(net, _optimizer(cfg, net), batches)
+    gen = torch.Generator().manual_seed(3)
+    fresh, global_rng = gen.get_state(), torch.get_rng_state()
+    _train_epoch(model, opt, batches, method, lambda: None, 0, cfg, False, gen)
+    assert torch.equal(torch.get_rng_state(), global_rng)
+    assert not torch.equal(gen.get_state(), fresh)
