@@ -189,9 +189,10 @@ def _steps_seen(method):
 def test_non_private_epoch_is_plain_minibatch_sgd_and_returns_the_mean_sample_loss():
     """Without DP: every batch one optimizer step on its mean loss (a last batch of one
     sample included), one logical step per batch, and the returned loss the mean over
-    all samples of the loss at the weights each batch was seen at — replayed by hand."""
+    all samples of the run's loss at the weights each batch was seen at — replayed by hand."""
     cfg = RunConfig(method="non_dp", image_size=(SIZE, SIZE), base_width=4, depth=1,
-                    epochs=1, batch_size=2, optimizer="sgd", momentum=0.9, lr=0.05)
+                    epochs=1, batch_size=2, optimizer="sgd", momentum=0.9, lr=0.05,
+                    dice_weight=0.5, fluid_weight=3.0)     # the run's loss, not the default
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(5, 1, SIZE, SIZE), torch.randint(0, 9, (5, SIZE, SIZE)))
     loader = DataLoader(data, batch_size=2)          # batches of 2, 2, 1
