@@ -226,11 +226,11 @@ def _anchor_names(anchors: pd.DataFrame) -> list[str]:
 
 
 def _anchor_labels(anchors: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """One label per cluster of anchors closer than :data:`ANCHOR_LABEL_GAP`, at the
-    cluster's highest rule, naming every anchor in it."""
-    named = anchors.assign(name=_anchor_names(anchors)).sort_values(metric, ascending=False)
+    """One label per cluster of anchors (with their ``name``) closer than
+    :data:`ANCHOR_LABEL_GAP`, at the cluster's highest rule, naming every anchor in it."""
     clusters: list[list] = []
-    for name, value in zip(named["name"], named[metric]):
+    for name, value in anchors.sort_values(metric, ascending=False)[["name", metric]].itertuples(
+            index=False):
         if not clusters or clusters[-1][0][1] - value >= ANCHOR_LABEL_GAP:
             clusters.append([])
         clusters[-1].append((name, value))
@@ -245,11 +245,11 @@ def _anchor_rules(anchors: pd.DataFrame | None, metric: str) -> list[alt.Chart]:
     usually the lowest value drawn: a label below it would sit on the axis)."""
     if anchors is None or anchors.empty or metric not in anchors:
         return []
-    rules = anchors.assign(label=[f"{n} {v:.3f}" for n, v in
-                                  zip(_anchor_names(anchors), anchors[metric])])
+    named = anchors.assign(name=_anchor_names(anchors))
+    rules = named.assign(label=[f"{n} {v:.3f}" for n, v in zip(named["name"], named[metric])])
     return [alt.Chart(rules).mark_rule(color="#888888", strokeDash=[1, 3], strokeWidth=2).encode(
                 y=f"{metric}:Q", tooltip=[alt.Tooltip("label:N", title="ε = 0 anchor")]),
-            alt.Chart(_anchor_labels(anchors, metric)).mark_text(
+            alt.Chart(_anchor_labels(named, metric)).mark_text(
                 align="left", baseline="bottom", dx=4, dy=-3, fontSize=11, color="#666666"
             ).encode(x=alt.value(0), y=f"{metric}:Q", text="label:N")]
 

@@ -44,7 +44,8 @@ def test_no_pretrained_private_run_no_anchor(tmp_path):
 def test_anchor_labels_name_the_architecture_and_never_print_over_each_other():
     anchors = pd.DataFrame({"model": ["unet", "unet", "nested_unet"], "base_width": [16, 32, 16],
                             "depth": [4, 4, 4], "val_dice_fg_mean": [0.720, 0.723, 0.650]})
-    labels = plots._anchor_labels(anchors, "val_dice_fg_mean")
+    labels = plots._anchor_labels(anchors.assign(name=plots._anchor_names(anchors)),
+                                  "val_dice_fg_mean")
     # the two U-Nets (0.003 apart) share one label at the higher rule, each named by its size;
     # the Nested U-Net, the only one of its model, is named by the model alone
     assert list(labels["val_dice_fg_mean"]) == [0.723, 0.650]
@@ -52,6 +53,7 @@ def test_anchor_labels_name_the_architecture_and_never_print_over_each_other():
                                        "U-Net width 16, depth 4 pretraining alone 0.720")
     assert labels["label"].iloc[1] == "ε = 0: Nested U-Net pretraining alone 0.650"
     far = anchors.assign(val_dice_fg_mean=[0.70, 0.72, 0.65])       # 0.02 apart: a label each
-    assert len(plots._anchor_labels(far, "val_dice_fg_mean")) == 3
+    assert len(plots._anchor_labels(far.assign(name=plots._anchor_names(far)),
+                                    "val_dice_fg_mean")) == 3
     drawn = json.dumps(plots.frontier_chart(pd.DataFrame(), anchors=anchors).to_dict())
     assert "U-Net width 16, depth 4 pretraining alone 0.720" in drawn
