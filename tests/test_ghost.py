@@ -53,6 +53,14 @@ def _single_sample_grads(model, x, y):
     return [torch.stack(r) for r in zip(*rows)]
 
 
+def _backward_per_sample(layer, x, grad_out, params):
+    """Per parameter of ``params``, [B, ...]: sample i's gradient of ⟨layer(x_i), grad_out_i⟩,
+    one backward each — the reference every per-sample formula here is checked against."""
+    rows = [torch.autograd.grad((layer(x[i:i + 1]) * grad_out[i:i + 1]).sum(), params)
+            for i in range(len(x))]
+    return [torch.stack(r) for r in zip(*rows)]
+
+
 def _batch(n=4, size=16, channels=1, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, channels, size, size, generator=g), torch.randint(0, 9, (n, size, size),
@@ -70,9 +78,7 @@ def test_ghost_norm_and_weighted_sum_equal_materialised_per_sample_gradients(kwa
     x = torch.randn(3, kwargs["in_channels"], 9, 9)
     out = conv(x)
     grad_out = torch.randn_like(out) * magnitude
-    per_sample = scale * torch.stack([
-        torch.autograd.grad((conv(x[i:i + 1]) * grad_out[i:i + 1]).sum(), conv.weight)[0]
-        for i in range(3)])
+    per_sample = scale * _backward_per_sample(conv, x, grad_out, [conv.weight])[0]
     ghost = GhostConvWeight(conv, x, grad_out, scale=scale)
     assert torch.allclose(ghost.norms(), per_sample.flatten(1).norm(dim=1), rtol=1e-4)
     c = torch.tensor([0.3, -1.2, 2.0], dtype=torch.float64)   # factors in another dtype
@@ -93,8 +99,7 @@ def test_per_sample_conv_weight_grad_methods_equal_single_sample_backward(kwargs
     conv = nn.Conv2d(**kwargs).to(device)
     x = torch.randn(3, kwargs["in_channels"], 8, 8, device=device)
     grad_out = torch.randn_like(conv(x))
-    expected = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * grad_out[i:i + 1]).sum(),
-                                                conv.weight)[0] for i in range(3)])
+    expected = _backward_per_sample(conv, x, grad_out, [conv.weight])[0]
     ours = per_sample_conv_weight_grad(conv, x, grad_out, method)
     assert torch.allclose(ours, expected, atol=1e-5)
 
@@ -122,9 +127,7 @@ def test_grad_sampler_casts_activations_and_gives_zeros_for_an_empty_batch(kwarg
     conv = nn.Conv2d(**kwargs).double()
     x = torch.randn(3, kwargs["in_channels"], 6, 6, dtype=torch.float64)
     grad_out = torch.randn_like(conv(x))
-    expected = [torch.stack(g) for g in zip(*[
-        torch.autograd.grad((conv(x[i:i + 1]) * grad_out[i:i + 1]).sum(),
-                            list(conv.parameters())) for i in range(3)])]
+    expected = _backward_per_sample(conv, x, grad_out, list(conv.parameters()))
     ours = conv2d_grad_sample(conv, [x.float()], grad_out)
     assert list(ours) == list(conv.parameters())
     for got, e in zip(ours.values(), expected):
@@ -444,9 +447,7 @@ def test_a_model_of_ghost_layers_only_is_clipped_by_ghost_norms():
                                generator=torch.Generator().manual_seed(7), **kwargs)
     (wrapped(x) * r).flatten(1).sum(1).mean().backward()
     assert model.weight.ghost_grad is not None
-    reference.weight.grad_sample = torch.stack([
-        torch.autograd.grad((reference(x[i:i + 1]) * r[i:i + 1]).sum(), reference.weight)[0]
-        for i in range(3)])
+    reference.weight.grad_sample = _backward_per_sample(reference, x, r, [reference.weight])[0]
     opt.pre_step()
     ref_opt.pre_step()
     torch.testing.assert_close(torch.cat(opt.norm_log), torch.cat(ref_opt.norm_log))
@@ -469,9 +470,9 @@ def test_physical_batches_accumulate_into_one_step_and_zero_grad_follows_opacus(
         x, r = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4)
         (wrapped(x) * r).flatten(1).sum(1).mean().backward()
         assert model.weight.ghost_grad is not None
-        for p in reference.parameters():
-            p.grad_sample = torch.stack([torch.autograd.grad(
-                (reference(x[i:i + 1]) * r[i:i + 1]).sum(), p)[0] for i in range(2)])
+        params = list(reference.parameters())
+        for p, g in zip(params, _backward_per_sample(reference, x, r, params)):
+            p.grad_sample = g
         for opt in opts:
             opt.signal_skip_step(do_skip=k == 0)
             opt.step()
