@@ -107,6 +107,8 @@ def test_first_open_shows_the_committed_study(tmp_path):
         page.goto(f"{url}/study")
         page.get_by_text("Committed reference results").first.wait_for(timeout=60_000)
         page.locator("[data-testid='stImage'] img").nth(1).wait_for(timeout=30_000)
+        # the page streams its reports in: wait for the command rather than count at once
+        page.get_by_text("dpstudy sweep --profile matched").first.wait_for(timeout=30_000)
         assert page.get_by_text("dpstudy sweep --profile matched").count() >= 1
         screenshot(page, "study")
     assert outside == [], f"the app requested outside resources: {outside}"
