@@ -14,7 +14,7 @@ from pathlib import Path
 from .config import (ACCOUNTANTS, CLIP_FUNCTIONS, CLIPPING_STYLES, DEVICES, GRAD_SAMPLE_MODES,
                      LR_SCHEDULES, METHODS, MODELS, NORMALISATIONS, OPTIMIZERS, PRIVACY_UNITS,
                      RANDOMNESS,
-                     TRAINABLE, RunConfig)
+                     TRAINABLE, TTA, RunConfig)
 from .errors import Cancelled, ConfigError, DPStudyError
 from .store import default_runs_dir
 
@@ -39,7 +39,7 @@ COMMON = {
     "normalisation": ("--normalisation", NORMALISATIONS),
     "randomness": ("--randomness", RANDOMNESS),
     "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
-    "fluid_weight": ("--fluid-weight", float),
+    "fluid_weight": ("--fluid-weight", float), "tta": ("--tta", TTA),
     "device": ("--device", DEVICES),
     "privacy_unit": ("--privacy-unit", PRIVACY_UNITS),
 }
@@ -90,6 +90,9 @@ HELP = {
     "ema_decay": "exponential moving average of the weights, evaluated and saved "
                  "(e.g. 0.99; 0 = off)",
     "fluid_weight": "weight of fluid pixels in the cross-entropy (e.g. 3)",
+    "tta": "test-time augmentation of every prediction: none (default) or flip (the logits "
+           "of a B-scan averaged with those of its mirror image; post-processing, costs no "
+           "privacy)",
 }
 
 

@@ -36,6 +36,8 @@ RANDOMNESS = ("seeded", "os_entropy")
 #: and no noise): all; GroupNorm affine + biases + head (DP-BiTFiT, Bu et al. 2022); the
 #: decoder (up-sampling path and head).
 TRAINABLE = ("all", "norm_bias", "decoder")
+#: Test-time augmentation of every prediction a run makes (validation, saved masks, rescoring).
+TTA = ("none", "flip")
 #: what one (ε, δ) protects: one B-scan, or all B-scans of one subject (patient)
 PRIVACY_UNITS = ("bscan", "subject")
 
@@ -66,7 +68,7 @@ DEFAULT_LR = {
 HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "normalisation": "train_split",
                          "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0,
                          "privacy_unit": "bscan", "device": "auto", "audit_canaries": 0,
-                         "audit_canary_images": 0}
+                         "audit_canary_images": 0, "tta": "none"}
 #: Fields that never enter the hash: how the randomness was drawn does not make another
 #: experiment, and an os_entropy run cannot be reproduced from its config anyway; the
 #: device is where a run computes, not what (config.json records the one it ran on).
@@ -104,6 +106,7 @@ class RunConfig:
     weight_decay: float = 0.0
     lr_schedule: str = "constant"
     ema_decay: float = 0.0          # EMA of the weights (De et al. 2022); 0 = off
+    tta: str = "none"               # "flip": logits averaged with the mirrored B-scan's
     trainable: str = "all"
     dice_weight: float = 1.0
     fluid_weight: float = 1.0       # weight of the fluid class in the cross-entropy
@@ -205,6 +208,7 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.normalisation, NORMALISATIONS, "normalisation")
     _choice(cfg.randomness, RANDOMNESS, "randomness")
     _choice(cfg.trainable, TRAINABLE, "trainable")
+    _choice(cfg.tta, TTA, "tta")
     _choice(cfg.device, DEVICES, "device")
     for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity"):
         v = getattr(cfg, name)

@@ -28,9 +28,20 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_module", model)
 
 
+def tta_logits(net: nn.Module, x: torch.Tensor, tta: str = "none") -> torch.Tensor:
+    """The logits a run predicts with: the network's, or with ``tta="flip"`` their mean
+    with those of the left-right mirrored B-scan (mirrored back). A B-scan's anatomy is
+    plausible both ways round, so the mirror is a second opinion from the same released
+    weights: post-processing, free in privacy."""
+    logits = net(x)
+    if tta == "flip":
+        logits = (logits + net(x.flip(-1)).flip(-1)) / 2
+    return logits
+
+
 @torch.no_grad()
 def predict(model: nn.Module, dataset: SegmentationDataset, dice_weight: float = 1.0,
-            batch_size: int = 8):
+            batch_size: int = 8, tta: str = "none"):
     """Loss, native-resolution predictions and working-resolution predictions."""
     net = unwrap(model)
     was_training = net.training
@@ -39,7 +50,7 @@ def predict(model: nn.Module, dataset: SegmentationDataset, dice_weight: float =
     losses, native, work = [], [], []
     for start in range(0, len(dataset), batch_size):
         idx = range(start, min(start + batch_size, len(dataset)))
-        logits = net(place_images(dataset.x[idx.start:idx.stop], device)).cpu()
+        logits = tta_logits(net, place_images(dataset.x[idx.start:idx.stop], device), tta).cpu()
         y = dataset.y[idx.start:idx.stop]
         losses.append(per_sample_loss(logits, y, dice_weight))
         work.extend(logits.argmax(1).to(torch.uint8).numpy())
@@ -52,9 +63,9 @@ def predict(model: nn.Module, dataset: SegmentationDataset, dice_weight: float =
 
 
 def evaluate(model: nn.Module, dataset: SegmentationDataset, dice_weight: float = 1.0,
-             prefix: str = "val_") -> tuple[dict[str, float], list[np.ndarray]]:
+             prefix: str = "val_", tta: str = "none") -> tuple[dict[str, float], list[np.ndarray]]:
     """``{prefix}loss``, native metrics as ``{prefix}*``, working ones as ``{prefix}work_*``."""
-    loss, native, work = predict(model, dataset, dice_weight)
+    loss, native, work = predict(model, dataset, dice_weight, tta=tta)
     work_targets = list(dataset.y.numpy())
     metrics = {f"{prefix}loss": loss}
     metrics.update({f"{prefix}{k}": v for k, v in
@@ -113,7 +124,7 @@ def evaluate_run(runs_dir, run_id: str, data: str | None = None, split: str = "v
     if split not in bundle.splits:
         raise DataError(f"{bundle.spec}: no {split!r} split (available: {sorted(bundle.splits)})")
     dataset = stored_dataset(bundle.splits[split], cfg, meta)
-    metrics, _ = evaluate(model, dataset, cfg.dice_weight, prefix="")
+    metrics, _ = evaluate(model, dataset, cfg.dice_weight, prefix="", tta=cfg.tta)
     where = bundle.root or bundle.describe().partition(":")[0]
     cap = ("every image" if limit is None else f"the first {limit} images"
            + (" (the run's --limit)" if limit == cfg.limit else ""))

@@ -36,10 +36,10 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
 #: Columns of the readable table, in order; each shown only where configurations differ
 #: in it (model and method always).
 TABLE_KEYS = ["model", "base_width", "depth", "image_size", "method", "noise_multiplier",
-              "target_epsilon", "max_grad_norm", "pretrained", "epochs", "batch_size", "lr",
+              "target_epsilon", "max_grad_norm", "pretrained", "epochs", "batch_size", "optimizer", "lr",
               "lr_schedule", "augment",
               "aug_multiplicity", "audit_holdout", "fluid_weight", "accountant", "normalisation",
-              "trainable", "ema_decay", "privacy_unit", "data_kind"]
+              "trainable", "ema_decay", "tta", "privacy_unit", "data_kind"]
 
 
 def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

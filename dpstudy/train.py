@@ -265,8 +265,8 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                                    f"large?)")
                 stats = method.epoch_stats()
                 seconds = time.perf_counter() - t0
-                metrics, native = (evaluate(released, val_ds, cfg.dice_weight) if len(val_ds)
-                                   else ({}, []))
+                metrics, native = (evaluate(released, val_ds, cfg.dice_weight, tta=cfg.tta)
+                                   if len(val_ds) else ({}, []))
                 row = {"epoch": epoch + 1, "train_loss": train_loss, **metrics,
                        "epsilon": stats["epsilon"], "steps": stats["steps"] or steps,
                        "grad_norm_median": stats["grad_norm_median"],

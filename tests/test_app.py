@@ -455,7 +455,7 @@ def test_launch_arguments_reproduce_every_field():
                     audit_holdout=0.5, init_from="pre-run", seed=3, ema_decay=0.9,
                     trainable="decoder", fluid_weight=2.0, normalisation="train_split",
                     randomness="os_entropy", device="cpu", audit_canaries=50,
-                    audit_canary_images=20)
+                    audit_canary_images=20, tta="flip")
     assert {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) ==
             getattr(RunConfig(), f.name)} == {"target_epsilon", "privacy_unit"}
     # σ set instead; privacy_unit=subject excludes max_physical_batch: launched alone below

@@ -15,8 +15,14 @@ import torch
 from _runs import make_duke, write_run
 from dpstudy.classes import CLASS_SLUGS
 from dpstudy.cli import main as cli_main
+from dpstudy.config import RunConfig
+from dpstudy.data.dataset import SegmentationDataset
 from dpstudy.data.source import load_data
-from dpstudy.evaluate import evaluate_run
+from dpstudy.errors import ConfigError
+from dpstudy.evaluate import (evaluate, evaluate_run, load_trained, predict, stored_dataset,
+                              tta_logits)
+from dpstudy.models import build_model
+from dpstudy.store import RunStore
 
 
 def _constant_run(root, run_id: str, cls: int) -> str:
@@ -66,3 +72,64 @@ def test_cli_evaluate_prints_the_same_known_values(tmp_path, capsys):
     assert printed["split"] == "val"
     for key, value in expected.items():
         assert printed[key] == pytest.approx(value, rel=1e-9, nan_ok=True), key
+
+
+class _ColumnRamp(torch.nn.Module):
+    """Logits that depend on the column only: NFL gets ``a·(1 − 2j/(W−1)) + b`` (a ramp
+    from +a at the left edge to −a at the right), every other class 0."""
+
+    def __init__(self, a: float, b: float):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.tensor(a)), b   # a parameter: it has a device
+
+    def forward(self, x):
+        n, _, h, w = x.shape
+        out = torch.zeros(n, len(CLASS_SLUGS), h, w)
+        out[:, 1] = self.a.detach() * (1 - 2 * torch.arange(w) / (w - 1)) + self.b
+        return out
+
+
+def test_flip_tta_averages_a_bscan_with_its_mirror_image():
+    """Mirrored, the ramp runs the other way, so the average keeps only its offset."""
+    x = torch.rand(2, 1, 6, 9)
+    net = _ColumnRamp(2.0, 0.5)
+    plain, flip = tta_logits(net, x), tta_logits(net, x, "flip")
+    assert plain[0, 1, 0, 0] == pytest.approx(2.5) and plain[0, 1, 0, -1] == pytest.approx(-1.5)
+    assert torch.allclose(flip[:, 1], torch.full((2, 6, 9), 0.5))
+    assert torch.equal(flip[:, 2:], plain[:, 2:])
+
+
+def test_predict_with_flip_tta_changes_the_native_masks(tmp_path):
+    """NFL wins where the ramp plus offset is positive: the left part of each B-scan
+    plainly, every column once the mirror is averaged in."""
+    samples = load_data(str(make_duke(tmp_path / "duke", n_val=2))).splits["val"]
+    data = SegmentationDataset(samples, (16, 16))
+    _, plain, _ = predict(_ColumnRamp(1.0, 0.25), data)
+    _, flip, _ = predict(_ColumnRamp(1.0, 0.25), data, tta="flip")
+    width = plain[0].shape[1]
+    assert (plain[0][:, : width // 2] == 1).all() and (plain[0][:, -3:] == 0).all()
+    assert all((m == 1).all() for m in flip)
+
+
+def test_a_stored_run_is_rescored_with_its_own_tta(tmp_path):
+    """``evaluate_run`` predicts as the run did: with its ``tta``."""
+    data = str(make_duke(tmp_path / "duke", n_val=3))
+    cfg = RunConfig(data=data, image_size=(32, 32), base_width=4, depth=2, tta="flip")
+    stored = {"kind": "duke", "spec": data, "fingerprint": "0" * 16}
+    weights = build_model(cfg.model, cfg.base_width, cfg.depth).state_dict()
+    for run_id, tta in (("plain", "none"), ("flip", "flip")):
+        run_dir = write_run(tmp_path / "runs", run_id, data=stored, config=cfg.replace(
+            tta=tta).to_dict(), normalisation={"mode": "per_image"})
+        torch.save(weights, run_dir / "model.pt")                   # the same weights
+    plain, flip = (evaluate_run(tmp_path / "runs", r) for r in ("plain", "flip"))
+    assert plain["loss"] != flip["loss"]
+    meta, _, model = load_trained(RunStore(tmp_path / "runs"), "flip")
+    by_hand, _ = evaluate(model, stored_dataset(load_data(data).splits["val"], cfg, meta),
+                          prefix="", tta="flip")
+    assert flip["loss"] == pytest.approx(by_hand["loss"], rel=1e-9)
+    assert flip["dice_fg_mean"] == pytest.approx(by_hand["dice_fg_mean"], rel=1e-9)
+
+
+def test_an_unknown_tta_is_refused_by_name():
+    with pytest.raises(ConfigError, match="tta"):
+        RunConfig(tta="mirror")

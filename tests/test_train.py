@@ -179,6 +179,21 @@ def test_evaluate_run_uses_stored_normalisation_and_any_split(trained):
         assert m[key] == pytest.approx(value, rel=1e-9, nan_ok=True), key
 
 
+def test_a_run_with_flip_tta_records_what_rescoring_it_gives(tmp_path):
+    """Validation in the training loop predicts as rescoring does (with the run's tta):
+    the last history row is what ``evaluate_run`` gives, and not what the plain network
+    gives."""
+    cfg = RunConfig(**{**TINY, "epochs": 1, "tta": "flip"})
+    train(cfg, tmp_path, progress=False, log=lambda *_: None)
+    last = RunStore(tmp_path).read_history(cfg.run_id()).iloc[-1]
+    assert evaluate_run(tmp_path, cfg.run_id())["loss"] == pytest.approx(last["val_loss"],
+                                                                            rel=1e-6)
+    meta, _, model = load_trained(RunStore(tmp_path), cfg.run_id())
+    plain, _ = evaluate(model, stored_dataset(load_data(cfg.data, cfg.limit).splits["val"],
+                                              cfg, meta))
+    assert plain["val_loss"] != pytest.approx(last["val_loss"], rel=1e-6)
+
+
 def test_pretrained_weights_start_a_private_run(trained, tmp_path):
     root, runs = trained
     source = next(r for r, (c, _) in runs.items() if c.method == "non_dp")
