@@ -37,7 +37,8 @@ def test_grid_gives_one_run_per_privacy_point_and_none_for_non_dp():
 DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "audit": (30, 1),
                    "best": (10, 1), "landscape": (153, 1), "models": (60, 2), "levers": (9, 1), "levers_pretrain": (3, 1),
                    "width": (15, 2), "levers_w16": (19, 2),
-                   "levers_w16_pretrain": (3, 1)}
+                   "levers_w16_pretrain": (3, 1), "levers_optimizer": (5, 1),
+                   "levers_resolution": (4, 1), "levers_depth": (3, 1)}
 
 
 def test_every_shipped_profile_expands_to_the_runs_it_documents():
@@ -73,6 +74,10 @@ def test_every_shipped_profile_expands_to_the_runs_it_documents():
     # levers_w16 reuses the best profile's pretraining and its ε = 3 auto_clip run (seed 0)
     assert len(ids["levers_w16"][0] & ids["best"][0]) == 1
     assert len(ids["levers_w16"][1] & ids["best"][1]) == 1
+    # levers_optimizer shares the best profile's pretraining; resolution and depth need
+    # their own (another image size, another architecture)
+    assert ids["levers_optimizer"][0] == ids["best"][0]
+    assert not (ids["levers_resolution"][0] | ids["levers_depth"][0]) & ids["best"][0]
 
 
 def test_completed_runs_are_skipped(tmp_path):
