@@ -26,8 +26,10 @@ from .store import RunStore
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 PRIVACY_KEYS = ("noise_multiplier", "target_epsilon")
-#: Fields a pretraining run takes from the runs it initialises, so its weights fit them.
-ARCHITECTURE = ("model", "base_width", "depth")
+#: Fields a pretraining run takes from the runs it initialises: the architecture, so its
+#: weights fit them, and the image size, so the phantom's structures have the scale in
+#: pixels that the runs will see.
+INHERITED = ("model", "base_width", "depth", "image_size")
 
 
 def expand_grid(base: dict, grid: dict) -> list[RunConfig]:
@@ -99,10 +101,10 @@ def load_profile(name_or_path: str, overrides: dict | None = None,
 
 def _pretrain_config(spec: dict, cfg: RunConfig, overrides: dict, path: Path) -> RunConfig:
     """The pretraining run of ``cfg``: [base] + [pretrain] (non-private, on the phantom
-    unless it says otherwise), with ``cfg``'s architecture so that its weights fit."""
+    unless it says otherwise), with ``cfg``'s architecture and image size."""
     fields = {**spec.get("base", {}), "method": "non_dp", "data": "synthetic",
               **spec["pretrain"], **{k: v for k, v in overrides.items() if k != "data"},
-              **{k: getattr(cfg, k) for k in ARCHITECTURE}}
+              **{k: getattr(cfg, k) for k in INHERITED}}
     pre = RunConfig.from_dict(fields, where=f"{path} [pretrain]")
     if cfg.private and not pre.data.split(":")[0] == "synthetic":
         raise ConfigError(f"{path} [pretrain]: data={pre.data!r} is not public; the private "

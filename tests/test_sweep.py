@@ -37,8 +37,8 @@ def test_grid_gives_one_run_per_privacy_point_and_none_for_non_dp():
 DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "audit": (30, 1),
                    "best": (10, 1), "landscape": (153, 1), "models": (60, 2), "levers": (9, 1), "levers_pretrain": (3, 1),
                    "width": (15, 2), "levers_w16": (19, 2),
-                   "levers_w16_pretrain": (3, 1), "levers_optimizer": (5, 1),
-                   "levers_resolution": (4, 1), "levers_depth": (9, 3)}
+                   "levers_w16_pretrain": (3, 1), "levers_optimizer": (8, 1),
+                   "levers_resolution": (7, 2), "levers_depth": (12, 4)}
 
 
 def test_every_shipped_profile_expands_to_the_runs_it_documents():
@@ -59,8 +59,8 @@ def test_every_shipped_profile_expands_to_the_runs_it_documents():
         for c in grid:
             if c.init_from:
                 start = by_id[c.init_from]
-                assert (start.model, start.base_width, start.depth) == (
-                    c.model, c.base_width, c.depth), name
+                assert (start.model, start.base_width, start.depth, start.image_size) == (
+                    c.model, c.base_width, c.depth, c.image_size), name
             assert (c.noise_multiplier is None and c.target_epsilon is None) != c.private
         ids[name] = ({c.run_id() for c in pre}, {c.run_id() for c in grid})
     # what the profile comments promise is shared, so trained once: quick's U-Net
@@ -77,7 +77,9 @@ def test_every_shipped_profile_expands_to_the_runs_it_documents():
     # levers_optimizer shares the best profile's pretraining; resolution and depth need
     # their own (another image size, another architecture)
     assert ids["levers_optimizer"][0] == ids["best"][0]
-    assert not (ids["levers_resolution"][0] | ids["levers_depth"][0]) & ids["best"][0]
+    for name in ("levers_optimizer", "levers_resolution", "levers_depth"):   # the recipe
+        assert len(ids[name][1] & ids["best"][1]) == 1, name                # (seed 0)
+        assert len(ids[name][0] & ids["best"][0]) == 1, name
 
 
 def test_completed_runs_are_skipped(tmp_path):
