@@ -38,7 +38,8 @@ DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "aud
                    "best": (10, 1), "landscape": (153, 1), "models": (60, 2), "levers": (9, 1), "levers_pretrain": (3, 1),
                    "width": (15, 2), "levers_w16": (19, 2),
                    "levers_w16_pretrain": (3, 1), "levers_optimizer": (8, 1),
-                   "levers_resolution": (7, 2), "levers_depth": (15, 4)}
+                   "levers_resolution": (7, 2), "levers_depth": (15, 4),
+                   "levers_fluid_pretrain": (3, 1)}
 
 
 def test_every_shipped_profile_expands_to_the_runs_it_documents():
