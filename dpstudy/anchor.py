@@ -17,12 +17,12 @@ from .store import RunStore
 def epsilon_zero_anchors(store: RunStore, runs: pd.DataFrame,
                          metric: str = "val_dice_fg_mean") -> pd.DataFrame:
     """One row per (pretraining run, data) that DP runs of ``runs`` start from: ``model``,
-    its ``base_width`` and ``depth`` (where ``runs`` has them), ``init_from``, ``data`` and
+    its ``base_width``, ``depth`` and ``image_size`` (where ``runs`` has them), ``init_from``, ``data`` and
     ``metric``, the pretraining checkpoint scored on the
     validation split of those runs' data, on the images they were scored on (their
     ``limit``). A pretraining run that cannot be scored (missing, or its data gone) is
     left out."""
-    cols = ["model", "base_width", "depth", "init_from", "data", metric]
+    cols = ["model", "base_width", "depth", "image_size", "init_from", "data", metric]
     if runs.empty or "init_from" not in runs or not metric.startswith("val_"):
         return pd.DataFrame(columns=cols)
     private = runs[runs["method"].ne("non_dp") & runs["init_from"].notna()]
@@ -42,6 +42,6 @@ def epsilon_zero_anchors(store: RunStore, runs: pd.DataFrame,
         if key in scores:
             first = group.iloc[0]
             rows.append({"model": first["model"], "base_width": first.get("base_width"),
-                         "depth": first.get("depth"), "init_from": start, "data": data,
-                         metric: scores[key]})
+                         "depth": first.get("depth"), "image_size": first.get("image_size"),
+                         "init_from": start, "data": data, metric: scores[key]})
     return pd.DataFrame(rows, columns=cols)

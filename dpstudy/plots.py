@@ -218,11 +218,14 @@ ANCHOR_LABEL_GAP = 0.01
 
 
 def _anchor_names(anchors: pd.DataFrame) -> list[str]:
-    """Each anchor's model, with its width and depth where anchors of that model differ."""
-    arch = anchors.reindex(columns=["model", "base_width", "depth"])
-    variants = arch.drop_duplicates().groupby("model").size()
-    return [MODEL_NAMES.get(m, m) + (f" width {w:g}, depth {d:g}" if variants[m] > 1 else "")
-            for m, w, d in arch.itertuples(index=False)]
+    """Each anchor's model, with its width and depth where anchors of that model differ
+    in them, and its image size where they differ in that."""
+    arch = anchors.reindex(columns=["model", "base_width", "depth", "image_size"])
+    sizes = arch.astype(str).groupby("model")
+    shape, size = sizes[["base_width", "depth"]].nunique().max(axis=1), sizes["image_size"].nunique()
+    return [MODEL_NAMES.get(m, m) + (f" width {w:g}, depth {d:g}" if shape[m] > 1 else "")
+            + (f" at {s}" if size[m] > 1 else "")
+            for m, w, d, s in arch.itertuples(index=False)]
 
 
 def _anchor_labels(anchors: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -296,6 +299,48 @@ def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
                      *bars, points, data=data).transform_calculate(
         epsilon_shown=_dodge("epsilon", 1.06, log=True), **calc).properties(
         width=WIDTH, height=HEIGHT, title=f"Privacy–utility frontier: {label}")
+
+
+def settings_chart(rows: pd.DataFrame, metric: str = "val_dice_fg_mean",
+                   spread: str | None = None,
+                   anchors: pd.DataFrame | None = None) -> alt.LayerChart:
+    """Configurations read side by side, one row each (``rows["label"]``: what sets it
+    apart, in the order given), utility ± ``spread`` along x and written beside each
+    point (with "(1 seed)" where ``rows["n_seeds"]`` says so): a study of levers at one
+    privacy budget, which a frontier would stack on one ε. The ε = 0 anchors (:func:`dpstudy.anchor.epsilon_zero_anchors`) are grey diamond
+    rows below them."""
+    data = pd.DataFrame({"label": rows["label"].to_numpy(), "method": rows["method"].to_numpy(),
+                         metric: pd.to_numeric(rows[metric], errors="coerce").to_numpy()})
+    sd = (pd.to_numeric(rows[spread], errors="coerce").to_numpy() if spread and spread in rows
+          else np.full(len(rows), np.nan))
+    data["lower"], data["upper"] = data[metric] - sd, data[metric] + sd
+    seeds = rows["n_seeds"].to_numpy() if "n_seeds" in rows else np.full(len(rows), np.nan)
+    data["shown"] = [f"{m:.3f}" + ("" if np.isnan(d) else f" ± {d:.3f}")
+                     + (" (1 seed)" if n == 1 else "") for m, d, n in zip(data[metric], sd, seeds)]
+    if anchors is not None and len(anchors) and metric in anchors:
+        named = pd.DataFrame({"label": [f"ε = 0: {n} pretraining alone"
+                                        for n in _anchor_names(anchors)],
+                              metric: anchors[metric].to_numpy()})
+        named["shown"] = [f"{v:.3f}" for v in named[metric]]
+        data = pd.concat([data, named.drop_duplicates("label")], ignore_index=True)
+    label = metric_label(metric)
+    y = alt.Y("label:N", sort=list(data["label"]), title=None, axis=alt.Axis(labelLimit=420))
+    x = alt.X(f"{metric}:Q", title=label, scale=alt.Scale(zero=False, padding=70),
+              axis=alt.Axis(format=NUMBER, labelOverlap=True))   # room for the last text
+    tips = [alt.Tooltip("label:N", title="configuration"), alt.Tooltip("shown:N", title=label)]
+    has_method = alt.expr.isValid(alt.datum.method)
+    bars = alt.Chart().mark_rule(strokeWidth=1.5).encode(
+        x="lower:Q", x2="upper:Q", y=y, color=method_colour()
+    ).transform_filter(has_method & alt.expr.isValid(alt.datum.lower))
+    points = alt.Chart().mark_point(filled=True, size=90, opacity=0.9).encode(
+        x=x, y=y, color=method_colour(), tooltip=tips).transform_filter(has_method)
+    anchor_points = alt.Chart().mark_point(shape="diamond", filled=True, size=90,
+                                           color="#888888").encode(
+        x=x, y=y, tooltip=tips).transform_filter(~has_method)
+    text = alt.Chart().mark_text(align="left", dx=8, dy=-9, fontSize=11, color="#444444").encode(
+        x=x, y=y, text="shown:N")
+    return alt.layer(bars, points, anchor_points, text, data=data).properties(
+        width=WIDTH, height=28 * len(data), title=f"{label} by configuration")
 
 
 def noise_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> alt.LayerChart:

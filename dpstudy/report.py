@@ -163,6 +163,45 @@ def curves_chart(history: pd.DataFrame) -> alt.FacetChart:
     ).resolve_scale(y="independent").properties(title="Training curves (mean over seeds)")
 
 
+#: Most configurations a settings chart shows a row each; a larger grid (the landscape's
+#: 150 cells) has a chart of its own.
+MAX_SETTINGS_ROWS = 24
+
+
+def _levers_at_one_budget(studied: pd.DataFrame) -> bool:
+    """Whether configurations of one model and method share a privacy budget (so differ
+    in some other setting), few enough for a row each: then a frontier would stack them
+    on one ε."""
+    private = studied[studied["method"].ne("non_dp")]
+    budget = private[["model", "method", "target_epsilon", "noise_multiplier"]].astype(str)
+    return bool(budget.duplicated().any()) and len(studied) <= MAX_SETTINGS_ROWS
+
+
+def setting_labels(summary: pd.DataFrame) -> list[str]:
+    """Each configuration as its number, method, budget and the settings (of the readable
+    table's) in which the configurations differ, e.g. "3. Automatic Clipping, ε 3,
+    depth 5, trainable decoder"."""
+    keys = [k for k in TABLE_KEYS if k in summary and k not in (
+            "method", "target_epsilon", "noise_multiplier", "pretrained", "data_kind")
+            and summary[k].astype(str).nunique(dropna=False) > 1]
+    labels = []
+    for _, row in summary.iterrows():
+        parts = [f"{row['config']}. {plots.METHOD_NAMES.get(row['method'], row['method'])}"]
+        if row["method"] != "non_dp":
+            parts.append(f"ε {row['target_epsilon']:g}" if pd.notna(row["target_epsilon"])
+                         else f"σ {row['noise_multiplier']:g}")
+        for k in keys:
+            v = row[k]
+            if isinstance(v, (list, tuple)):
+                v = "×".join(map(str, v))
+            elif isinstance(v, float):
+                v = "" if pd.isna(v) else f"{v:g}"
+            if v not in ("", None):
+                parts.append(f"{k.replace('_', ' ')} {v}")
+        labels.append(", ".join(parts))
+    return labels
+
+
 def figures(store: RunStore, runs: pd.DataFrame, summary: pd.DataFrame,
             attempted: pd.DataFrame | None = None) -> dict[str, alt.TopLevelMixin]:
     """The report's charts by file stem; a chart without data is left out. ``attempted``:
@@ -176,6 +215,10 @@ def figures(store: RunStore, runs: pd.DataFrame, summary: pd.DataFrame,
         rows, spread="val_dice_fg_std", anchors=anchors[anchors["model"] == model])
         .properties(title=f"Privacy–utility frontier, {model} (mean ± sd over seeds)")
         for model, rows in studied.groupby("model")}
+    if _levers_at_one_budget(studied):
+        charts["settings"] = plots.settings_chart(
+            studied.assign(label=setting_labels(studied)), spread="val_dice_fg_std",
+            anchors=anchors)
     if len(studied):
         charts["curves"] = curves_chart(stacked_history(store, studied))
     by_sigma = per_run[per_run["method"].ne("non_dp") & per_run["target_epsilon"].isna()]

@@ -57,3 +57,6 @@ def test_anchor_labels_name_the_architecture_and_never_print_over_each_other():
                                     "val_dice_fg_mean")) == 3
     drawn = json.dumps(plots.frontier_chart(pd.DataFrame(), anchors=anchors).to_dict())
     assert "U-Net width 16, depth 4 pretraining alone 0.720" in drawn
+    # the same architecture pretrained at two image sizes: named by the size
+    sized = anchors.assign(base_width=16, image_size=["128x128", "256x128", "128x128"])
+    assert plots._anchor_names(sized) == ["U-Net at 128x128", "U-Net at 256x128", "Nested U-Net"]

@@ -238,3 +238,22 @@ def test_dice_chart_uses_fixed_class_colours_and_labels_zero_and_absent():
         assert f">{text}<" in svg, text
     opacity = bars["opacity"]["scale"]
     assert opacity["domain"] == ["A", "B"] and opacity["range"][0] > opacity["range"][1]
+
+
+def test_settings_chart_gives_each_configuration_and_anchor_a_row():
+    rows = pd.DataFrame({"label": ["2. Automatic Clipping, ε 3, depth 4",
+                                   "3. Automatic Clipping, ε 3, depth 5", "4. non-private"],
+                         "method": ["auto_clip", "auto_clip", "non_dp"],
+                         "val_dice_fg_mean": [0.763, 0.757, 0.816],
+                         "val_dice_fg_std": [0.006, np.nan, 0.004], "n_seeds": [3, 1, 3]})
+    anchors = pd.DataFrame({"model": ["unet"], "base_width": [16], "depth": [4],
+                            "val_dice_fg_mean": [0.720]})
+    chart = plots.settings_chart(rows, spread="val_dice_fg_std", anchors=anchors)
+    data = chart.data
+    assert list(data["label"]) == [*rows["label"], "ε = 0: U-Net pretraining alone"]
+    assert list(data["shown"]) == ["0.763 ± 0.006", "0.757 (1 seed)", "0.816 ± 0.004", "0.720"]
+    assert data["lower"].iloc[0] == pytest.approx(0.757) and np.isnan(data["lower"].iloc[1])
+    spec = chart.to_dict()
+    assert spec["layer"][1]["encoding"]["y"]["sort"] == list(data["label"])   # rows as given
+    svg = plots.chart_to_svg(chart)
+    assert "0.763 ± 0.006" in svg and "ε = 0: U-Net pretraining alone" in svg

@@ -219,3 +219,36 @@ def test_readable_table_shows_the_settings_that_differ_and_only_those():
     assert list(table["base_width"]) == [8, 16] and list(table["lr"]) == ["", "0.02"]
     assert "depth" not in table and "target_epsilon" not in table
     assert list(table["Dice (fg)"]) == ["0.700 ± 0.010"] * 2
+
+
+def _lever_summary():
+    """A lever study's summary: two settings of one method at one ε, a non-private run."""
+    from dpstudy.report import TABLE_KEYS
+    common = {k: "x" for k in TABLE_KEYS} | {
+        "model": "unet", "method": "auto_clip", "depth": 4, "noise_multiplier": 2.7,
+        "target_epsilon": 3.0, "image_size": (128, 128), "pretraining": False,
+        "val_dice_fg_mean": 0.76, "val_dice_fg_std": 0.006, "n_seeds": 3}
+    return pd.DataFrame([
+        {**common, "config": 2, "depth": 4},
+        {**common, "config": 3, "depth": 5, "image_size": (256, 128), "n_seeds": 1,
+         "val_dice_fg_mean": 0.75, "val_dice_fg_std": np.nan},
+        {**common, "config": 4, "method": "non_dp", "noise_multiplier": np.nan,
+         "target_epsilon": np.nan, "val_dice_fg_mean": 0.82}])
+
+
+def test_setting_labels_name_the_budget_and_the_settings_that_differ():
+    from dpstudy.report import setting_labels
+    assert setting_labels(_lever_summary()) == [
+        "2. Automatic Clipping, ε 3, depth 4, image size 128×128",
+        "3. Automatic Clipping, ε 3, depth 5, image size 256×128",
+        "4. non-private, depth 4, image size 128×128"]
+
+
+def test_settings_chart_only_for_settings_that_share_a_budget():
+    from dpstudy.report import _levers_at_one_budget
+    levers = _lever_summary()
+    assert _levers_at_one_budget(levers)
+    frontier = levers.assign(target_epsilon=[1.0, 3.0, np.nan])   # one config per ε
+    assert not _levers_at_one_budget(frontier)
+    grid = pd.concat([levers] * 10, ignore_index=True)              # 30 configurations
+    assert not _levers_at_one_budget(grid)
