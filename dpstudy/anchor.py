@@ -17,8 +17,8 @@ from .store import RunStore
 def epsilon_zero_anchors(store: RunStore, runs: pd.DataFrame,
                          metric: str = "val_dice_fg_mean") -> pd.DataFrame:
     """One row per (pretraining run, data) that DP runs of ``runs`` start from: ``model``,
-    its ``base_width``, ``depth`` and ``image_size`` (where ``runs`` has them), ``init_from``, ``data`` and
-    ``metric``, the pretraining checkpoint scored on the
+    its ``base_width``, ``depth`` and ``image_size`` (where ``runs`` has them),
+    ``init_from``, ``data`` and ``metric``, the pretraining checkpoint scored on the
     validation split of those runs' data, on the images they were scored on (their
     ``limit``). A pretraining run that cannot be scored (missing, or its data gone) is
     left out."""

@@ -222,7 +222,8 @@ def _anchor_names(anchors: pd.DataFrame) -> list[str]:
     in them, and its image size where they differ in that."""
     arch = anchors.reindex(columns=["model", "base_width", "depth", "image_size"])
     sizes = arch.astype(str).groupby("model")
-    shape, size = sizes[["base_width", "depth"]].nunique().max(axis=1), sizes["image_size"].nunique()
+    shape = sizes[["base_width", "depth"]].nunique().max(axis=1)
+    size = sizes["image_size"].nunique()
     return [MODEL_NAMES.get(m, m) + (f" width {w:g}, depth {d:g}" if shape[m] > 1 else "")
             + (f" at {s}" if size[m] > 1 else "")
             for m, w, d, s in arch.itertuples(index=False)]
@@ -301,27 +302,34 @@ def frontier_chart(runs: pd.DataFrame, metric: str = "val_dice_fg_mean",
         width=WIDTH, height=HEIGHT, title=f"Privacy–utility frontier: {label}")
 
 
+def mean_spread(mean, spread, digits: int = 3) -> str:
+    """"0.763 ± 0.006" (the mean alone where the spread is missing; "" without a mean)."""
+    if pd.isna(mean):
+        return ""
+    return f"{mean:.{digits}f}" + ("" if pd.isna(spread) else f" ± {spread:.{digits}f}")
+
+
 def settings_chart(rows: pd.DataFrame, metric: str = "val_dice_fg_mean",
                    spread: str | None = None,
                    anchors: pd.DataFrame | None = None) -> alt.LayerChart:
     """Configurations read side by side, one row each (``rows["label"]``: what sets it
     apart, in the order given), utility ± ``spread`` along x and written beside each
     point (with "(1 seed)" where ``rows["n_seeds"]`` says so): a study of levers at one
-    privacy budget, which a frontier would stack on one ε. The ε = 0 anchors (:func:`dpstudy.anchor.epsilon_zero_anchors`) are grey diamond
-    rows below them."""
+    privacy budget, which a frontier would stack on one ε. The ε = 0 anchors
+    (:func:`dpstudy.anchor.epsilon_zero_anchors`) are grey diamond rows below them."""
     data = pd.DataFrame({"label": rows["label"].to_numpy(), "method": rows["method"].to_numpy(),
                          metric: pd.to_numeric(rows[metric], errors="coerce").to_numpy()})
     sd = (pd.to_numeric(rows[spread], errors="coerce").to_numpy() if spread and spread in rows
           else np.full(len(rows), np.nan))
     data["lower"], data["upper"] = data[metric] - sd, data[metric] + sd
     seeds = rows["n_seeds"].to_numpy() if "n_seeds" in rows else np.full(len(rows), np.nan)
-    data["shown"] = [f"{m:.3f}" + ("" if np.isnan(d) else f" ± {d:.3f}")
-                     + (" (1 seed)" if n == 1 else "") for m, d, n in zip(data[metric], sd, seeds)]
+    data["shown"] = [mean_spread(m, d) + (" (1 seed)" if n == 1 else "")
+                     for m, d, n in zip(data[metric], sd, seeds)]
     if anchors is not None and len(anchors) and metric in anchors:
         named = pd.DataFrame({"label": [f"ε = 0: {n} pretraining alone"
                                         for n in _anchor_names(anchors)],
                               metric: anchors[metric].to_numpy()})
-        named["shown"] = [f"{v:.3f}" for v in named[metric]]
+        named["shown"] = [mean_spread(v, None) for v in named[metric]]
         data = pd.concat([data, named.drop_duplicates("label")], ignore_index=True)
     label = metric_label(metric)
     y = alt.Y("label:N", sort=list(data["label"]), title=None, axis=alt.Axis(labelLimit=420))

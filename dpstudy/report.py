@@ -36,8 +36,8 @@ SUMMARY_FIRST = ["config", "model", "method", "noise_multiplier", "max_grad_norm
 #: Columns of the readable table, in order; each shown only where configurations differ
 #: in it (model and method always).
 TABLE_KEYS = ["model", "base_width", "depth", "image_size", "method", "noise_multiplier",
-              "target_epsilon", "max_grad_norm", "pretrained", "epochs", "batch_size", "optimizer", "lr",
-              "lr_schedule", "augment",
+              "target_epsilon", "max_grad_norm", "pretrained", "epochs", "batch_size",
+              "optimizer", "lr", "lr_schedule", "augment",
               "aug_multiplicity", "audit_holdout", "fluid_weight", "accountant", "normalisation",
               "trainable", "ema_decay", "tta", "privacy_unit", "data_kind"]
 
@@ -92,17 +92,17 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return summary[first + [c for c in summary if c not in first]]
 
 
-def _mean_spread(mean, spread, digits: int = 3) -> str:
-    if pd.isna(mean):
-        return ""
-    return f"{mean:.{digits}f}" + ("" if pd.isna(spread) else f" ± {spread:.{digits}f}")
+def _differing(summary: pd.DataFrame) -> list[str]:
+    """The :data:`TABLE_KEYS` in which the configurations of ``summary`` differ."""
+    return [k for k in TABLE_KEYS if k in summary
+            and summary[k].astype(str).nunique(dropna=False) > 1]
 
 
 def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Every configuration with the settings that distinguish it and mean ± spread."""
     s = summary.assign(pretrained=summary["init_from"].notna().map({True: "yes", False: "no"}))
-    shown = [k for k in TABLE_KEYS
-             if k in ("model", "method") or s[k].astype(str).nunique(dropna=False) > 1]
+    differing = _differing(s)
+    shown = [k for k in TABLE_KEYS if k in ("model", "method") or k in differing]
     table = s[["config", *shown]].copy()
     for col in ("noise_multiplier", "target_epsilon", "max_grad_norm", "lr"):  # "": default
         if col in table:
@@ -112,7 +112,7 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     table["epsilon"] = s["epsilon"].map(lambda v: "∞" if pd.isna(v) else f"{v:.3g}")
     for title, metric in (("Dice (fg)", "val_dice_fg_mean"), ("Dice (all)", "val_dice_all_mean"),
                           ("MIA AUC", "mia_auc")):
-        table[title] = [_mean_spread(m, sd) for m, sd in zip(s[metric], s[SPREAD[metric]])]
+        table[title] = [plots.mean_spread(m, sd) for m, sd in zip(s[metric], s[SPREAD[metric]])]
     if "val_dice_fluid" in s:
         table["fluid Dice"] = s["val_dice_fluid"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
     for col in [c for c in s if c.startswith("val_dice_fg_Subject")]:   # per patient
@@ -124,7 +124,8 @@ def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     for title, metric in (("MIA AUC gain over start", "mia_auc_gain"),
                           ("ε lower bound (one-run audit, 95 %)", "epsilon_lower_bound")):
         if metric in s and s[metric].notna().any():
-            table[title] = [_mean_spread(m, sd, 2) for m, sd in zip(s[metric], s[SPREAD[metric]])]
+            table[title] = [plots.mean_spread(m, sd, 2)
+                            for m, sd in zip(s[metric], s[SPREAD[metric]])]
     return table if table["role"].any() else table.drop(columns="role")
 
 
@@ -181,9 +182,8 @@ def setting_labels(summary: pd.DataFrame) -> list[str]:
     """Each configuration as its number, method, budget and the settings (of the readable
     table's) in which the configurations differ, e.g. "3. Automatic Clipping, ε 3,
     depth 5, trainable decoder"."""
-    keys = [k for k in TABLE_KEYS if k in summary and k not in (
-            "method", "target_epsilon", "noise_multiplier", "pretrained", "data_kind")
-            and summary[k].astype(str).nunique(dropna=False) > 1]
+    keys = [k for k in _differing(summary) if k not in (
+            "method", "target_epsilon", "noise_multiplier", "pretrained", "data_kind")]
     labels = []
     for _, row in summary.iterrows():
         parts = [f"{row['config']}. {plots.METHOD_NAMES.get(row['method'], row['method'])}"]
