@@ -38,7 +38,8 @@ COMMON = {
     "audit_canary_images": ("--audit-canary-images", int),
     "normalisation": ("--normalisation", NORMALISATIONS),
     "randomness": ("--randomness", RANDOMNESS),
-    "trainable": ("--trainable", TRAINABLE), "ema_decay": ("--ema-decay", float),
+    "trainable": ("--trainable", TRAINABLE), "adapter_rank": ("--adapter-rank", int),
+    "ema_decay": ("--ema-decay", float),
     "fluid_weight": ("--fluid-weight", float), "tta": ("--tta", TTA),
     "device": ("--device", DEVICES),
     "privacy_unit": ("--privacy-unit", PRIVACY_UNITS),
@@ -86,7 +87,10 @@ HELP = {
     "randomness": "seeded (default: noise and sampling from --seed, reproducible) or "
                   "os_entropy (from the OS, for a model that is released)",
     "trainable": "parameters trained: all, norm_bias (GroupNorm affine + biases + head, "
-                 "DP-BiTFiT) or decoder; the rest keep their starting weights",
+                 "DP-BiTFiT), decoder, or adapters (low-rank adapters on every convolution "
+                 "but the head, LoRA, plus what norm_bias trains; merged into the weights "
+                 "when saved); the rest keep their starting weights",
+    "adapter_rank": "rank of the low-rank adapters (--trainable adapters; default 8)",
     "ema_decay": "exponential moving average of the weights, evaluated and saved "
                  "(e.g. 0.99; 0 = off)",
     "fluid_weight": "weight of fluid pixels in the cross-entropy (e.g. 3)",

@@ -34,8 +34,9 @@ NORMALISATIONS = ("per_image", "train_split")
 RANDOMNESS = ("seeded", "os_entropy")
 #: Which parameters a run trains (the rest stay at their starting weights, get no gradient
 #: and no noise): all; GroupNorm affine + biases + head (DP-BiTFiT, Bu et al. 2022); the
-#: decoder (up-sampling path and head).
-TRAINABLE = ("all", "norm_bias", "decoder")
+#: decoder (up-sampling path and head); low-rank adapters on every convolution but the head
+#: (LoRA, rank ``adapter_rank``) with what norm_bias trains.
+TRAINABLE = ("all", "norm_bias", "decoder", "adapters")
 #: Test-time augmentation of every prediction a run makes (validation, saved masks, rescoring).
 TTA = ("none", "flip")
 #: what one (ε, δ) protects: one B-scan, or all B-scans of one subject (patient)
@@ -68,7 +69,7 @@ DEFAULT_LR = {
 HASH_NEUTRAL_DEFAULTS = {"audit_holdout": 0.0, "normalisation": "train_split",
                          "ema_decay": 0.0, "trainable": "all", "fluid_weight": 1.0,
                          "privacy_unit": "bscan", "device": "auto", "audit_canaries": 0,
-                         "audit_canary_images": 0, "tta": "none"}
+                         "audit_canary_images": 0, "tta": "none", "adapter_rank": 8}
 #: Fields that never enter the hash: how the randomness was drawn does not make another
 #: experiment, and an os_entropy run cannot be reproduced from its config anyway; the
 #: device is where a run computes, not what (config.json records the one it ran on).
@@ -108,6 +109,7 @@ class RunConfig:
     ema_decay: float = 0.0          # EMA of the weights (De et al. 2022); 0 = off
     tta: str = "none"               # "flip": logits averaged with the mirrored B-scan's
     trainable: str = "all"
+    adapter_rank: int = 8           # rank of the low-rank adapters (trainable="adapters")
     dice_weight: float = 1.0
     fluid_weight: float = 1.0       # weight of the fluid class in the cross-entropy
     augment: bool = False
@@ -210,7 +212,8 @@ def validate(cfg: RunConfig) -> None:
     _choice(cfg.trainable, TRAINABLE, "trainable")
     _choice(cfg.tta, TTA, "tta")
     _choice(cfg.device, DEVICES, "device")
-    for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity"):
+    for name in ("base_width", "depth", "epochs", "batch_size", "refresh", "aug_multiplicity",
+                 "adapter_rank"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ConfigError(f"{name}={v!r} must be an integer ≥ 1")
@@ -239,6 +242,9 @@ def validate(cfg: RunConfig) -> None:
     if cfg.aug_multiplicity > 1 and not cfg.augment:
         raise ConfigError(f"aug_multiplicity={cfg.aug_multiplicity} needs augment=True "
                           f"(--augment): the copies would be identical")
+    if cfg.adapter_rank != HASH_NEUTRAL_DEFAULTS["adapter_rank"] and cfg.trainable != "adapters":
+        raise ConfigError(f"adapter_rank={cfg.adapter_rank} needs trainable='adapters' "
+                          f"(--trainable adapters): without adapters it changes nothing")
     if not (cfg.weight_decay >= 0 and cfg.dice_weight >= 0):
         raise ConfigError("weight_decay and dice_weight must be ≥ 0")
     _positive(cfg.fluid_weight, "fluid_weight")

@@ -44,6 +44,7 @@ METHOD_FIELDS = {
 CONDITIONAL = {
     "momentum": lambda methods, v: v.get("optimizer") == "sgd",
     "aug_multiplicity": lambda methods, v: bool(v.get("augment")),
+    "adapter_rank": lambda methods, v: v.get("trainable") == "adapters",
 }
 #: Settings of the privacy mechanism: hidden when only non-private runs are launched.
 PRIVATE_ONLY = ("noise_multiplier", "target_epsilon", "max_grad_norm", "clipping", "clip_fn",

@@ -39,7 +39,7 @@ TABLE_KEYS = ["model", "base_width", "depth", "image_size", "method", "noise_mul
               "target_epsilon", "max_grad_norm", "pretrained", "epochs", "batch_size",
               "optimizer", "lr", "lr_schedule", "augment",
               "aug_multiplicity", "audit_holdout", "fluid_weight", "accountant", "normalisation",
-              "trainable", "ema_decay", "tta", "privacy_unit", "data_kind"]
+              "trainable", "adapter_rank", "ema_decay", "tta", "privacy_unit", "data_kind"]
 
 
 def completed_runs(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -37,6 +37,7 @@ from .losses import per_sample_loss
 from .metrics import dice_by_group
 from .methods import build_method, random_seed
 from .models import count_parameters
+from .models.adapters import add_adapters, merged_state_dict
 from .models.trainable import set_trainable
 from .privacy.accounting import group_privacy
 from .store import DIAGNOSTIC_FIELDS, RunStore, RunWriter
@@ -208,7 +209,10 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
     store = RunStore(runs_dir)
     if cfg.init_from:
         _check_init_source(cfg, store)
-    model = place_model(starting_model(store, cfg), device)
+    model = starting_model(store, cfg)
+    if cfg.trainable == "adapters":
+        add_adapters(model, cfg.adapter_rank)
+    model = place_model(model, device)
     set_trainable(model, cfg.trainable)
     start = copy.deepcopy(model) if canaries is not None else None   # input-space audit
     average = WeightAverage(model, cfg.ema_decay) if cfg.ema_decay else None
@@ -285,7 +289,7 @@ def train(cfg: RunConfig, runs_dir: Path | str | None = None, progress: bool = T
                 writer.update(one_run_audit_input=canary_image_audit(start, released, canaries,
                                                                      cfg, norm_stats))
             writer.save_checkpoint({k: v.detach().to("cpu", memory_format=torch.contiguous_format)
-                                    for k, v in unwrap(released).state_dict().items()})
+                                    for k, v in merged_state_dict(unwrap(released)).items()})
             if len(val_ds):  # the last epoch's predictions are the final model's
                 writer.save_predictions("val", val_ds.names, val_ds.native_images,
                                         val_ds.native_masks, native)

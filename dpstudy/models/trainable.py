@@ -10,19 +10,20 @@ fine-tuning only the decoder of a pretrained encoder.
 from torch import nn
 
 from dpstudy.errors import ConfigError
-
-
-def _is_head(name: str) -> bool:
-    return name.startswith(("head.", "heads."))
+from dpstudy.models.adapters import DOWN, UP, is_head
 
 
 RULES = {
     "all": lambda name, module: True,
     # GroupNorm affine parameters, every bias and the 1×1 classification head
-    "norm_bias": lambda name, module: (isinstance(module, nn.GroupNorm) or _is_head(name)
+    "norm_bias": lambda name, module: (isinstance(module, nn.GroupNorm) or is_head(name)
                                        or name.endswith("bias")),
     # everything after the encoder: up-sampling path, decoder nodes and head(s)
     "decoder": lambda name, module: not name.startswith("encoder."),
+    # low-rank adapters (added by :func:`dpstudy.models.adapters.add_adapters` first) and
+    # everything norm_bias trains
+    "adapters": lambda name, module: (f".{DOWN}." in name or f".{UP}." in name
+                                      or RULES["norm_bias"](name, module)),
 }
 
 
