@@ -418,6 +418,9 @@ def test_fields_that_do_not_apply_are_hidden(tmp_path, app_for):
     assert "momentum" not in widgets(at)
     fill(at, {"optimizer": "sgd"})
     assert "momentum" in widgets(at)
+    assert "adapter_rank" not in widgets(at)
+    fill(at, {"trainable": "adapters"})
+    assert "adapter_rank" in widgets(at)
 
 
 def test_the_form_expresses_every_run_config_field(tmp_path, app_for):
@@ -428,7 +431,8 @@ def test_the_form_expresses_every_run_config_field(tmp_path, app_for):
     assert set(fields) <= set(options), set(fields) - set(options)
     at = run_page(app_for(tmp_path / "runs"), LAUNCH)
     fill(at, {"mode": "grid of runs", "methods": list(METHODS), "clip_fn": "automatic",
-              "optimizer": "sgd", "augment": True, "start_from": "from scratch"})
+              "optimizer": "sgd", "augment": True, "trainable": "adapters",
+              "start_from": "from scratch"})
     keys = set(widgets(at))
     composite = {"image_size": {"height", "width"}, "data": {"source"},
                  "init_from": {"start_from"}, "model": {"models"}, "method": {"methods"},
@@ -453,7 +457,7 @@ def test_launch_arguments_reproduce_every_field():
                     weight_decay=1e-4, lr_schedule="cosine", dice_weight=0.5, augment=True,
                     aug_multiplicity=2, image_size=(64, 32), data="-x; rm -rf /", limit=5,
                     audit_holdout=0.5, init_from="pre-run", seed=3, ema_decay=0.9,
-                    trainable="decoder", fluid_weight=2.0, normalisation="train_split",
+                    trainable="adapters", adapter_rank=4, fluid_weight=2.0, normalisation="train_split",
                     randomness="os_entropy", device="cpu", audit_canaries=50,
                     audit_canary_images=20, tta="flip")
     assert {f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) ==

@@ -20,6 +20,7 @@ from dpstudy.errors import ConfigError, DataError, Diverged
 from dpstudy.losses import per_sample_loss
 from dpstudy.methods import build_method
 from dpstudy.models import build_model
+from dpstudy.models.adapters import add_adapters
 from dpstudy.models.trainable import set_trainable
 from dpstudy.privacy.accounting import group_privacy
 from dpstudy.store import DIAGNOSTIC_FIELDS, RunStore
@@ -108,11 +109,13 @@ def test_os_entropy_noise_cannot_be_regenerated_from_the_config(tmp_path):
     assert all(torch.equal(again[0][k], again[1][k]) for k in again[0])
 
 
-@pytest.mark.parametrize("which", ["norm_bias", "decoder"])
+@pytest.mark.parametrize("which", ["norm_bias", "decoder", "adapters"])
 def test_frozen_parameters_get_no_gradient_and_no_noise(which):
     cfg = RunConfig(method="dp_sgd", noise_multiplier=5.0, image_size=(16, 16), base_width=8,
                     depth=2, batch_size=2, trainable=which)
     net = build_model("unet", 8, 2)
+    if which == "adapters":
+        add_adapters(net, rank=2)
     n = set_trainable(net, which)
     assert 0 < n < sum(p.numel() for p in net.parameters())
     before = {k: v.clone() for k, v in net.state_dict().items()}
