@@ -9,21 +9,47 @@ are — a run that diverged or failed is a cell marked as such, never dropped, b
 
 from __future__ import annotations
 
+import dataclasses
+
 import altair as alt
 import numpy as np
 import pandas as pd
 
-from .config import DEFAULT_LR
+from .config import DEFAULT_LR, HASH_EXCLUDED, RunConfig
 from .plots import METHOD_NAMES, metric_label
 
 #: What each method's second axis is (besides the learning rate).
 AXIS_TITLE = "clipping setting"
+#: Run settings a cell is keyed by (or, the seed, averaged over); the spelling of the data
+#: path is not a setting (its fingerprint is).
+AXES = ("method", "optimizer", "lr", "max_grad_norm", "gamma", "final_rate", "clip_fn",
+        "clipping", "seed", "data")
 
 
-def _axis_value(row) -> str:
+def _apart(runs: pd.DataFrame) -> list[str]:
+    """The run settings outside the landscape's axes in which ``runs`` differ (e.g. the
+    parameters trained): each goes into the row label, so that no cell averages two
+    configurations into a value that is neither's."""
+    fields = [f.name for f in dataclasses.fields(RunConfig)
+              if f.name not in AXES + HASH_EXCLUDED] + ["data_fingerprint"]
+    apart = [f for f in fields if f in runs and runs[f].astype(str).nunique(dropna=False) > 1]
+    others = [f for f in apart if f != "init_from"]
+    if "init_from" in apart and others and (   # a run id says nothing the others do not
+            runs.astype({f: str for f in apart}).groupby(others)["init_from"].nunique().max() == 1):
+        apart = others
+    return apart
+
+
+def _value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "×".join(map(str, v))
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _axis_value(row, apart: list[str]) -> str:
     """The row label of a cell: C for Abadi clipping, r* (and the clip function under
     it) for Random Sparsification, γ for Automatic Clipping; per-layer clipping is a
-    row of its own."""
+    row of its own, and so is each value of a setting in ``apart``."""
     if row["method"] == "dp_sgd":
         label = f"C = {row['max_grad_norm']:g}"
     elif row["method"] == "random_sparsification":
@@ -32,13 +58,15 @@ def _axis_value(row) -> str:
         label = f"r* = {row['final_rate']:g} ({under})"
     else:
         label = f"γ = {row['gamma']:g}"
-    return label + (", per layer" if row.get("clipping") == "per_layer" else "")
+    label += ", per layer" if row.get("clipping") == "per_layer" else ""
+    return "".join([label, *(f", {f.replace('_', ' ')} {_value(row[f])}" for f in apart)])
 
 
 def landscape_cells(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:
     """One row per (method, optimiser, setting, learning rate) cell of the private runs
     of a ``list_runs()`` table: the metric's mean over completed seeds, how many seeds,
-    and the cell's state (``ok``, ``diverged`` or ``failed``: no seed completed)."""
+    and the cell's state (``ok``, ``diverged`` or ``failed``: no seed completed). Where
+    the runs differ in another setting too, the setting says which value."""
     cols = ["method", "method_name", "optimizer", "setting", "lr", "lr_label", metric,
             "n_seeds", "state", "run_ids"]
     if runs.empty or "method" not in runs:
@@ -47,7 +75,8 @@ def landscape_cells(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.
     if runs.empty:
         return pd.DataFrame(columns=cols)
     default = [DEFAULT_LR[(m, o)] for m, o in zip(runs["method"], runs["optimizer"])]
-    runs = runs.assign(setting=runs.apply(_axis_value, axis=1),
+    apart = _apart(runs)
+    runs = runs.assign(setting=runs.apply(_axis_value, axis=1, apart=apart),
                        lr=pd.to_numeric(runs["lr"], errors="coerce").fillna(
                            pd.Series(default, index=runs.index)))
     cells = []
@@ -81,7 +110,8 @@ def landscape_chart(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> al
     order = sorted(data["lr"].dropna().unique())
     base = alt.Chart().encode(
         x=alt.X("lr_label:O", title="learning rate", sort=[f"{v:g}" for v in order]),
-        y=alt.Y("setting:N", title=AXIS_TITLE))
+        # untitled: the renderer places a title over labels as long as these can be
+        y=alt.Y("setting:N", title=None, axis=alt.Axis(labelLimit=420)))
     heat = base.mark_rect().encode(
         color=alt.condition(alt.datum.state == "ok",
                             alt.Color(f"{metric}:Q", title=label,
@@ -102,9 +132,10 @@ def landscape_chart(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> al
         row=alt.Row("method_name:N", title=None),
         column=alt.Column("optimizer:N", title="optimiser"),
     ).resolve_scale(x="independent", y="independent").properties(
-        title=alt.Title(f"Tuning landscape at equal B-scan-level ε: {label} per cell (mean "
-                        f"over seeds)", subtitle=f"colour over the best cell's {COLOUR_SPAN:g} "
-                        f"below it; worse cells saturate"))
+        title=alt.Title(
+            f"Tuning landscape at equal B-scan-level ε: {label} per cell (mean over seeds)",
+            subtitle=f"rows: {AXIS_TITLE}; colour over the best cell's {COLOUR_SPAN:g} below "
+                     f"it; worse cells saturate"))
 
 
 def best_cells(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:

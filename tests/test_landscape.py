@@ -68,3 +68,29 @@ def test_the_chart_draws_every_cell_with_its_label(runs):
 
 def test_an_empty_store_gives_no_cells():
     assert landscape_cells(pd.DataFrame()).empty
+
+
+def test_runs_that_differ_in_another_setting_get_rows_of_their_own(runs):
+    """A cell never averages two configurations: the recipe and its adapters variant at
+    the same learning rate are two rows, each the mean of its own seeds."""
+    variant = pd.DataFrame([_run("auto_clip", 1.0, 0.60, seed=s, trainable="adapters")
+                            for s in (0, 1)])
+    both = pd.concat([runs.assign(trainable="all"),
+                      variant.assign(trainable="adapters")], ignore_index=True)
+    cells = landscape_cells(both).set_index(["method", "setting", "lr"])
+    assert cells.loc[("auto_clip", "γ = 0.01, trainable all", 1.0), "val_dice_fg_mean"] == 0.66
+    adapters = cells.loc[("auto_clip", "γ = 0.01, trainable adapters", 1.0)]
+    assert adapters["val_dice_fg_mean"] == 0.60 and adapters["n_seeds"] == 2
+    assert len(cells) == 10                        # the 9 of one setting, and the new one
+    assert ("dp_sgd", "C = 1, trainable all", 1.0) in cells.index
+
+
+def test_a_pretraining_implied_by_the_architecture_is_not_named_again(runs):
+    """Architectures need their own pretraining: the width says it, not the run id."""
+    def variant(width):
+        return runs.assign(base_width=width, init_from=f"pre-{width}")
+    rows = landscape_cells(pd.concat([variant(8), variant(16)], ignore_index=True))
+    assert "C = 1, base width 16" in set(rows["setting"])
+    assert not rows["setting"].str.contains("init from").any()
+    two_starts = pd.concat([variant(8), variant(8).assign(init_from="other")], ignore_index=True)
+    assert "C = 1, init from other" in set(landscape_cells(two_starts)["setting"])

@@ -27,9 +27,6 @@ class LowRankConv(nn.Module):
 
     def __init__(self, base: nn.Conv2d, rank: int):
         super().__init__()
-        if base.groups != 1:
-            raise ValueError(f"low-rank adapters need an ungrouped convolution, got groups="
-                             f"{base.groups}")
         self.base = base
         setattr(self, DOWN, nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride,
                                       base.padding, base.dilation, bias=False,
