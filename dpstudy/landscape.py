@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DEFAULT_LR, HASH_EXCLUDED, RunConfig
-from .plots import METHOD_NAMES, metric_label
+from .plots import METHOD_NAMES, metric_label, setting_value
 
 #: What each method's second axis is (besides the learning rate).
 AXIS_TITLE = "clipping setting"
@@ -40,12 +40,6 @@ def _apart(runs: pd.DataFrame) -> list[str]:
     return apart
 
 
-def _value(v) -> str:
-    if isinstance(v, (list, tuple)):
-        return "×".join(map(str, v))
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
 def _axis_value(row, apart: list[str]) -> str:
     """The row label of a cell: C for Abadi clipping, r* (and the clip function under
     it) for Random Sparsification, γ for Automatic Clipping; per-layer clipping is a
@@ -59,7 +53,8 @@ def _axis_value(row, apart: list[str]) -> str:
     else:
         label = f"γ = {row['gamma']:g}"
     label += ", per layer" if row.get("clipping") == "per_layer" else ""
-    return "".join([label, *(f", {f.replace('_', ' ')} {_value(row[f])}" for f in apart)])
+    return "".join([label, *(f", {f.replace('_', ' ')} {setting_value(row[f]) or 'unset'}"
+                          for f in apart)])
 
 
 def landscape_cells(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:

@@ -309,6 +309,15 @@ def mean_spread(mean, spread, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if pd.isna(spread) else f" ± {spread:.{digits}f}")
 
 
+def setting_value(v) -> str:
+    """A run setting as a label shows it: 128×128, 0.002, adapters; "" where unset."""
+    if isinstance(v, (list, tuple)):
+        return "×".join(map(str, v))
+    if isinstance(v, float):
+        return "" if pd.isna(v) else f"{v:g}"
+    return "" if v is None else str(v)
+
+
 def settings_chart(rows: pd.DataFrame, metric: str = "val_dice_fg_mean",
                    spread: str | None = None,
                    anchors: pd.DataFrame | None = None) -> alt.LayerChart:

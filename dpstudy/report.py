@@ -191,12 +191,7 @@ def setting_labels(summary: pd.DataFrame) -> list[str]:
             parts.append(f"ε {row['target_epsilon']:g}" if pd.notna(row["target_epsilon"])
                          else f"σ {row['noise_multiplier']:g}")
         for k in keys:
-            v = row[k]
-            if isinstance(v, (list, tuple)):
-                v = "×".join(map(str, v))
-            elif isinstance(v, float):
-                v = "" if pd.isna(v) else f"{v:g}"
-            if v not in ("", None):
+            if v := plots.setting_value(row[k]):
                 parts.append(f"{k.replace('_', ' ')} {v}")
         labels.append(", ".join(parts))
     return labels
