@@ -39,7 +39,7 @@ DOCUMENTED_RUNS = {"quick": (26, 2), "matched": (39, 1), "paper": (162, 2), "aud
                    "width": (15, 2), "levers_w16": (19, 2),
                    "levers_w16_pretrain": (3, 1), "levers_optimizer": (8, 1),
                    "levers_resolution": (7, 2), "levers_depth": (15, 4),
-                   "levers_fluid_pretrain": (3, 1), "levers_adapters": (22, 1)}
+                   "levers_fluid_pretrain": (3, 1), "levers_adapters": (28, 1)}
 
 
 def test_every_shipped_profile_expands_to_the_runs_it_documents():
@@ -78,8 +78,9 @@ def test_every_shipped_profile_expands_to_the_runs_it_documents():
     # levers_optimizer shares the best profile's pretraining; resolution and depth need
     # their own (another image size, another architecture)
     assert ids["levers_optimizer"][0] == ids["best"][0] == ids["levers_adapters"][0]
-    # levers_adapters: the recipe with each of the three methods (seed 0)
-    assert len(ids["levers_adapters"][1] & ids["best"][1]) == 3
+    # levers_adapters: the recipe with each of the three methods at ε = 3, and auto_clip
+    # at ε = 1 (seed 0)
+    assert len(ids["levers_adapters"][1] & ids["best"][1]) == 4
     for name in ("levers_optimizer", "levers_resolution", "levers_depth"):   # the recipe
         assert len(ids[name][1] & ids["best"][1]) == 1, name                # (seed 0)
         assert len(ids[name][0] & ids["best"][0]) == 1, name
