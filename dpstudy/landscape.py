@@ -24,6 +24,10 @@ AXIS_TITLE = "clipping setting"
 #: path is not a setting (its fingerprint is).
 AXES = ("method", "optimizer", "lr", "max_grad_norm", "gamma", "final_rate", "clip_fn",
         "clipping", "seed", "data")
+#: Settings left out of a row label where the other differing settings determine them.
+IMPLIED = ("init_from", "noise_multiplier")
+#: How a setting is named in a row label, where not by its name.
+NAMES = {"target_epsilon": "ε", "noise_multiplier": "σ"}
 
 
 def _apart(runs: pd.DataFrame) -> list[str]:
@@ -33,10 +37,11 @@ def _apart(runs: pd.DataFrame) -> list[str]:
     fields = [f.name for f in dataclasses.fields(RunConfig)
               if f.name not in AXES + HASH_EXCLUDED] + ["data_fingerprint"]
     apart = [f for f in fields if f in runs and runs[f].astype(str).nunique(dropna=False) > 1]
-    others = [f for f in apart if f != "init_from"]
-    if "init_from" in apart and others and (   # a run id says nothing the others do not
-            runs.astype({f: str for f in apart}).groupby(others)["init_from"].nunique().max() == 1):
-        apart = others
+    for implied in IMPLIED:    # said by the others: a run id, the σ of a target ε
+        others = [f for f in apart if f != implied]
+        if implied in apart and others and runs.astype({f: str for f in apart}).groupby(
+                others)[implied].nunique().max() == 1:
+            apart = others
     return apart
 
 
@@ -53,8 +58,8 @@ def _axis_value(row, apart: list[str]) -> str:
     else:
         label = f"γ = {row['gamma']:g}"
     label += ", per layer" if row.get("clipping") == "per_layer" else ""
-    return "".join([label, *(f", {f.replace('_', ' ')} {setting_value(row[f]) or 'unset'}"
-                          for f in apart)])
+    return "".join([label, *(f", {NAMES.get(f, f.replace('_', ' '))} "
+                             f"{setting_value(row[f]) or 'unset'}" for f in apart)])
 
 
 def landscape_cells(runs: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:
@@ -128,9 +133,10 @@ def landscape_chart(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> al
         column=alt.Column("optimizer:N", title="optimiser"),
     ).resolve_scale(x="independent", y="independent").properties(
         title=alt.Title(
-            f"Tuning landscape at equal B-scan-level ε: {label} per cell (mean over seeds)",
-            subtitle=f"rows: {AXIS_TITLE}; colour over the best cell's {COLOUR_SPAN:g} below "
-                     f"it; worse cells saturate"))
+            f"Tuning landscape: {label} per cell (mean over seeds; ε is B-scan-level)",
+            subtitle=f"rows: {AXIS_TITLE}, and any other setting the runs differ in (e.g. "
+                     f"the ε); colour over the best cell's {COLOUR_SPAN:g} below it; worse "
+                     f"cells saturate"))
 
 
 def best_cells(cells: pd.DataFrame, metric: str = "val_dice_fg_mean") -> pd.DataFrame:

@@ -94,3 +94,12 @@ def test_a_pretraining_implied_by_the_architecture_is_not_named_again(runs):
     assert not rows["setting"].str.contains("init from").any()
     two_starts = pd.concat([variant(8), variant(8).assign(init_from="other")], ignore_index=True)
     assert "C = 1, init from other" in set(landscape_cells(two_starts)["setting"])
+
+
+def test_two_budgets_are_two_rows_named_by_epsilon_not_by_their_sigma(runs):
+    at = {1.0: 7.0, 3.0: 2.7}
+    both = pd.concat([runs.assign(target_epsilon=e, noise_multiplier=s) for e, s in at.items()],
+                     ignore_index=True)
+    settings = set(landscape_cells(both)["setting"])
+    assert {"γ = 0.01, ε 1", "γ = 0.01, ε 3"} <= settings
+    assert not any("σ" in s for s in settings)
