@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from .config import DEFAULT_LR, HASH_EXCLUDED, RunConfig
-from .plots import METHOD_NAMES, metric_label, setting_value
+from .plots import METHOD_NAMES, differing_columns, metric_label, setting_value
 
 #: What each method's second axis is (besides the learning rate).
 AXIS_TITLE = "clipping setting"
@@ -36,7 +36,7 @@ def _apart(runs: pd.DataFrame) -> list[str]:
     configurations into a value that is neither's."""
     fields = [f.name for f in dataclasses.fields(RunConfig)
               if f.name not in AXES + HASH_EXCLUDED] + ["data_fingerprint"]
-    apart = [f for f in fields if f in runs and runs[f].astype(str).nunique(dropna=False) > 1]
+    apart = differing_columns(runs, fields)
     for implied in IMPLIED:    # said by the others: a run id, the σ of a target ε
         others = [f for f in apart if f != implied]
         if implied in apart and others and runs.astype({f: str for f in apart}).groupby(

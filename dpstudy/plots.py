@@ -309,6 +309,12 @@ def mean_spread(mean, spread, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if pd.isna(spread) else f" ± {spread:.{digits}f}")
 
 
+def differing_columns(frame: pd.DataFrame, columns) -> list[str]:
+    """Those of ``columns`` (in their order) in which the rows of ``frame`` differ: what a
+    label must name to tell them apart (unset counts as a value)."""
+    return [c for c in columns if c in frame and frame[c].astype(str).nunique(dropna=False) > 1]
+
+
 def setting_value(v) -> str:
     """A run setting as a label shows it: 128×128, 0.002, adapters; "" where unset."""
     if isinstance(v, (list, tuple)):

@@ -92,16 +92,10 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
     return summary[first + [c for c in summary if c not in first]]
 
 
-def _differing(summary: pd.DataFrame) -> list[str]:
-    """The :data:`TABLE_KEYS` in which the configurations of ``summary`` differ."""
-    return [k for k in TABLE_KEYS if k in summary
-            and summary[k].astype(str).nunique(dropna=False) > 1]
-
-
 def readable_table(summary: pd.DataFrame) -> pd.DataFrame:
     """Every configuration with the settings that distinguish it and mean ± spread."""
     s = summary.assign(pretrained=summary["init_from"].notna().map({True: "yes", False: "no"}))
-    differing = _differing(s)
+    differing = plots.differing_columns(s, TABLE_KEYS)
     shown = [k for k in TABLE_KEYS if k in ("model", "method") or k in differing]
     table = s[["config", *shown]].copy()
     for col in ("noise_multiplier", "target_epsilon", "max_grad_norm", "lr"):  # "": default
@@ -182,7 +176,7 @@ def setting_labels(summary: pd.DataFrame) -> list[str]:
     """Each configuration as its number, method, budget and the settings (of the readable
     table's) in which the configurations differ, e.g. "3. Automatic Clipping, ε 3,
     depth 5, trainable decoder"."""
-    keys = [k for k in _differing(summary) if k not in (
+    keys = [k for k in plots.differing_columns(summary, TABLE_KEYS) if k not in (
             "method", "target_epsilon", "noise_multiplier", "pretrained", "data_kind")]
     labels = []
     for _, row in summary.iterrows():
